@@ -1,0 +1,1 @@
+"""Command line: typer + rich. Parses options, builds configs, calls library code."""

@@ -1,0 +1,1 @@
+"""Late fusion with learned weights, TTA, ensembles, metrics and reports."""
