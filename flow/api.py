@@ -1,0 +1,142 @@
+"""`flow.estimate`: one entry point over methods (TV-L1, Farneback) and backends (torch, OpenCV)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import torch
+
+from flow.batching import BatchRunner, auto_batch_size
+from flow.devices import resolve_device
+from flow.farneback import FarnebackParams, farneback
+from flow.opencv_backend import opencv_flow
+from flow.tvl1 import TVL1Params, tvl1
+
+log = logging.getLogger(__name__)
+
+METHODS = ("tvl1", "farneback")
+BACKENDS = ("auto", "torch", "opencv")
+_PARAMS = {"tvl1": TVL1Params, "farneback": FarnebackParams}
+_TORCH_FUNCTIONS = {"tvl1": tvl1, "farneback": farneback}
+# `auto` on a CPU: the faster backend at equal accuracy, as measured by benchmarks/flow_bench.py
+# on a 2-core machine at 224x224 (README, "Optical flow").
+CPU_AUTO_BACKEND = {"tvl1": "torch", "farneback": "opencv"}
+_GREY = (0.299, 0.587, 0.114)  # ITU-R BT.601, as cv2.cvtColor(RGB2GRAY)
+
+
+def flow_params(method: str, **overrides) -> dict:
+    """Every parameter of `method` with OpenCV's defaults, `overrides` applied and checked."""
+    _check_method(method)
+    fields = {f.name: f.default for f in dataclasses.fields(_PARAMS[method])}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {method} parameter(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+    params = {**fields, **overrides}
+    _PARAMS[method](**params)  # the dataclass validates values where it can
+    return params
+
+
+def resolve_backend(method: str, backend: str, device: torch.device) -> str:
+    """`auto` means torch on CUDA and the measured faster backend on the CPU."""
+    _check_method(method)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown flow backend '{backend}': choose {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "torch" if device.type == "cuda" else CPU_AUTO_BACKEND[method]
+    if backend == "opencv" and device.type != "cpu":
+        raise ValueError(f"the opencv backend runs on the CPU only, not on {device}; use --backend torch")
+    return backend
+
+
+class FlowEstimator:
+    """A configured estimator reused across batches: method, backend, device, parameters, batch size."""
+
+    def __init__(
+        self,
+        method: str = "tvl1",
+        backend: str = "auto",
+        device: str | torch.device = "auto",
+        batch_size: int | None = None,
+        **params,
+    ):
+        self.params = flow_params(method, **params)
+        self.method = method
+        self.device = resolve_device(device)
+        self.backend = resolve_backend(method, backend, self.device)
+        self.batch_size = batch_size
+        self._runner: BatchRunner | None = None
+        fn = _TORCH_FUNCTIONS[method]
+        typed = _PARAMS[method](**self.params)
+        self._torch_fn = lambda prev, nxt: fn(prev, nxt, typed)
+        log.info("flow estimator: %s on %s (%s backend)", method, self.device, self.backend)
+
+    def describe(self) -> dict:
+        """Plain values naming the method and every parameter, for HDF5 attrs and run records."""
+        return {"method": self.method, "backend": self.backend, **{f"param_{k}": v for k, v in self.params.items()}}
+
+    def __call__(self, prev, nxt):
+        """Flow from prev to nxt: numpy in -> numpy out; tensors in -> a tensor on their device.
+
+        Shape:
+            prev, nxt (N, H, W) grey or (N, H, W, 3) RGB -> (N, H, W, 2) float32, 0 = dx, 1 = dy.
+        """
+        is_tensor = isinstance(prev, torch.Tensor)
+        if is_tensor != isinstance(nxt, torch.Tensor):
+            raise ValueError("prev and nxt must both be numpy arrays or both torch tensors")
+        _check_shapes(prev, nxt)
+        if self.backend == "opencv":
+            out = opencv_flow(_to_grey_uint8(prev), _to_grey_uint8(nxt), self.method, self.params)
+            return torch.from_numpy(out).to(prev.device) if is_tensor else out
+        home = prev.device if is_tensor else torch.device("cpu")
+        grey_prev, grey_nxt = (_to_grey_float(x, self.device) for x in (prev, nxt))
+        if self._runner is None:
+            size = self.batch_size or auto_batch_size(self.method, *grey_prev.shape[1:], self.device)
+            self._runner = BatchRunner(self._torch_fn, size)
+        with torch.inference_mode():
+            out = self._runner(grey_prev, grey_nxt)
+        return out.to(home) if is_tensor else out.cpu().numpy()
+
+
+def estimate(prev, nxt, method: str = "tvl1", backend: str = "auto", device: str = "auto", batch_size: int | None = None, **params):
+    """Optical flow from `prev` to `nxt` for a batch of pairs (see FlowEstimator.__call__).
+
+    Parameters keep OpenCV's names (snake_case) and defaults: TV-L1 tau, lambda_, theta, nscales,
+    warps, epsilon, inner_iterations, outer_iterations, scale_step, gamma, median_filtering;
+    Farneback pyr_scale, levels, winsize, iterations, poly_n, poly_sigma, flags.
+    """
+    if device == "auto" and isinstance(prev, torch.Tensor):
+        device = prev.device
+    return FlowEstimator(method, backend, device, batch_size, **params)(prev, nxt)
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown flow method '{method}': choose {' or '.join(METHODS)}")
+
+
+def _check_shapes(prev, nxt) -> None:
+    if tuple(prev.shape) != tuple(nxt.shape):
+        raise ValueError(f"prev and nxt differ in shape: {tuple(prev.shape)} vs {tuple(nxt.shape)}")
+    if not (prev.ndim == 3 or (prev.ndim == 4 and prev.shape[-1] == 3)):
+        raise ValueError(f"expected (N, H, W) grey or (N, H, W, 3) RGB pairs, got shape {tuple(prev.shape)}")
+
+
+def _to_grey_uint8(x) -> np.ndarray:
+    """(N, H, W[, 3]) array or tensor -> (N, H, W) uint8 for OpenCV."""
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if x.ndim == 4:
+        x = x.astype(np.float32) @ np.asarray(_GREY, np.float32)
+    if x.dtype != np.uint8:
+        x = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(x)
+
+
+def _to_grey_float(x, device: torch.device) -> torch.Tensor:
+    """(N, H, W[, 3]) array or tensor -> (N, H, W) float32 grey levels in [0, 255] on `device`."""
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    t = t.to(device, non_blocking=True).to(torch.float32)
+    if t.ndim == 4:
+        t = t @ torch.tensor(_GREY, dtype=torch.float32, device=device)
+    return t.contiguous()
