@@ -23,8 +23,8 @@ def index(
     source: Path = typer.Argument(..., help="Dataset folder (any recognised layout) or a CSV with path,label[,group][,split]."),
     output: Path = typer.Option(..., "--output", "-o", help="Manifest CSV to write."),
     groups: Path | None = typer.Option(None, "--groups", help="CSV video,group attaching source-recording groups."),
-    val_fraction: float = typer.Option(0.15, help="Share of groups for validation where the layout gives no split."),
-    test_fraction: float = typer.Option(0.15, help="Share of groups for test where the layout gives no split."),
+    val_fraction: float = typer.Option(0.15, help="Share of videos for validation (whole groups) where the layout gives no split."),
+    test_fraction: float = typer.Option(0.15, help="Share of videos for test (whole groups) where the layout gives no split."),
     seed: int = typer.Option(0, help="Seed of the group-stratified split."),
 ) -> None:
     """Write a manifest (video_id,path,label,group,split) for a dataset folder or CSV."""

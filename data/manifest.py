@@ -27,15 +27,26 @@ CLASS_NAMES = {0: "non_violent", 1: "violent"}
 # called '0' or '1' is more often a shard number than a class); CSV cells also take 1/0, true/false.
 _POSITIVE_WORDS = {"violent", "violence", "fight", "fights"}
 _NEGATIVE_WORDS = {
-    "nonviolent", "nonviolence", "noviolence", "notviolent",
-    "nofight", "nofights", "nonfight", "nonfights", "notfight",
+    "nonviolent",
+    "nonviolence",
+    "noviolence",
+    "notviolent",
+    "nofight",
+    "nofights",
+    "nonfight",
+    "nonfights",
+    "notfight",
 }
 _POSITIVE_CELLS = _POSITIVE_WORDS | {"1", "true", "yes"}
 _NEGATIVE_CELLS = _NEGATIVE_WORDS | {"0", "false", "no"}
 _SPLIT_ALIASES = {
-    "train": "train", "training": "train",
-    "val": "val", "valid": "val", "validation": "val",
-    "test": "test", "testing": "test",
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
 }
 
 
@@ -135,8 +146,11 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
     """
     path = Path(path)
     if not path.is_file():
-        raise MissingPathError(f"manifest {path} does not exist" if not path.exists()
-                               else f"manifest {path} is not a file")
+        raise MissingPathError(
+            f"manifest {path} does not exist"
+            if not path.exists()
+            else f"manifest {path} is not a file"
+        )
     folder = Path(os.path.abspath(path)).parent
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets add a BOM
         reader = csv.DictReader(f)
@@ -146,7 +160,9 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
         reader.fieldnames = header
         missing = [c for c in ("video_id", "path", "label") if c not in header]
         if missing:
-            hint = " (a path,label CSV is indexed with index_dataset)" if "video_id" in missing else ""
+            hint = (
+                " (a path,label CSV is indexed with index_dataset)" if "video_id" in missing else ""
+            )
             raise ValueError(f"manifest {path} lacks column(s) {', '.join(missing)}{hint}")
         rows = []
         for line, rec in enumerate(reader, start=2):
@@ -206,6 +222,7 @@ def summarize(rows: Sequence[ManifestRow]) -> dict:
     "splits": {name: {"videos", "groups", "violent", "non_violent"}}}``; splits come in the order
     train, val, test, then 'unassigned' for rows without one.
     """
+
     def counts(part: Sequence[ManifestRow]) -> dict:
         by_class = Counter(r.label for r in part)
         return {

@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.app import app
+from data.manifest import ManifestRow, write_manifest
+from data.synthetic import render_clip, write_video
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def manifest(tmp_path):
+    rows = []
+    for i, frames in enumerate([4, 5]):
+        path = tmp_path / f"c{i}.avi"
+        write_video(path, render_clip(i % 2, np.random.default_rng(i), 40, 32, frames), fps=10)
+        rows.append(ManifestRow(f"c{i}", str(path), i % 2, f"c{i}", "train"))
+    out = tmp_path / "m.csv"
+    write_manifest(rows, out)
+    return out
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_extract_then_info(tmp_path, manifest):
+    res = _run("extract", manifest, "-o", tmp_path / "s.h5", "--method", "farneback", "--size", "32", "--workers", "1")
+    assert res.exit_code == 0, res.output
+    res = _run("info", tmp_path / "s.h5")
+    assert res.exit_code == 0, res.output
+    assert "2 videos" in res.output and "check out" in res.output
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--size", "8"], "at least 16"),
+        (["--fps", "10", "--frames", "8"], "either --fps or --frames"),
+        (["--shard", "3/2"], "--shard"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line(tmp_path, manifest, extra, message):
+    res = _run("extract", manifest, "-o", tmp_path / "s.h5", *extra)
+    assert res.exit_code == 2
+    assert message in res.output
+    assert "Traceback" not in res.output
+
+
+def test_unknown_method_is_rejected(tmp_path, manifest):
+    res = _run("extract", manifest, "-o", tmp_path / "s.h5", "--method", "lucas")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda(tmp_path, manifest):
+    res = _run("extract", manifest, "-o", tmp_path / "s.h5", "--device", "cuda:0")
+    assert res.exit_code == 2 and "no CUDA device" in res.output
+
+
+def test_missing_manifest(tmp_path):
+    res = _run("extract", tmp_path / "nope.csv", "-o", tmp_path / "s.h5")
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_manifest_without_needed_columns(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,category\na.mp4,fight\n")
+    res = _run("extract", bad, "-o", tmp_path / "s.h5")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_output_in_missing_folder(tmp_path, manifest):
+    res = _run("extract", manifest, "-o", tmp_path / "no" / "such" / "s.h5")
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_nothing_extracted_exits_1(tmp_path):
+    write_manifest([ManifestRow("x", str(tmp_path / "missing.mp4"), 1, "x", "train")], tmp_path / "m.csv")
+    res = _run("extract", tmp_path / "m.csv", "-o", tmp_path / "s.h5", "--workers", "1")
+    assert res.exit_code == 1 and "nothing was extracted" in res.output
+
+
+def test_info_reports_corruption(tmp_path, manifest):
+    import h5py
+
+    assert _run("extract", manifest, "-o", tmp_path / "s.h5", "--method", "farneback", "--size", "32", "--workers", "1").exit_code == 0
+    with h5py.File(tmp_path / "s.h5", "a") as f:
+        vid = next(iter(f["videos"]))
+        del f["videos"][vid]["flow"]
+    res = _run("info", tmp_path / "s.h5")
+    assert res.exit_code == 1 and "corrupt" in res.output
+
+
+def test_info_on_missing_store(tmp_path):
+    res = _run("info", tmp_path / "none.h5")
+    assert res.exit_code == 2 and "does not exist" in res.output
