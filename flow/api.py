@@ -74,7 +74,11 @@ class FlowEstimator:
 
     def describe(self) -> dict:
         """Plain values naming the method and every parameter, for HDF5 attrs and run records."""
-        return {"method": self.method, "backend": self.backend, **{f"param_{k}": v for k, v in self.params.items()}}
+        return {
+            "flow_method": self.method,
+            "flow_backend": self.backend,
+            **{f"flow_param_{k}": v for k, v in self.params.items()},
+        }
 
     def __call__(self, prev, nxt):
         """Flow from prev to nxt: numpy in -> numpy out; tensors in -> a tensor on their device.

@@ -110,7 +110,7 @@ def _decode(row: ManifestRow, sampling: Sampling) -> _Decoded:
         return _Decoded(row, None, {}, str(exc))
     if len(frames) < 2:
         return _Decoded(row, None, {}, f"only {len(frames)} frame(s) after sampling; need at least 2")
-    meta = {"source_fps": float(info.fps), "source_width": int(info.width), "source_height": int(info.height),
+    meta = {"source_fps": float(info.fps), "source_size": (int(info.width), int(info.height)),
             "decoded_frames": int(info.decoded_frames)}
     return _Decoded(row, frames, meta, None)
 
@@ -288,7 +288,6 @@ def _flush(gathered: list[_Decoded], estimator: FlowEstimator, writer: _Writer, 
             **item.info,
             **{f"sampling_{k}": v for k, v in cfg.sampling.to_attrs().items()},
             **estimator.describe(),
-            "flow_bound": float(cfg.bound),
         }
         writer.put(row.video_id, item.frames, flow, attrs)
         summary.written.append(row.video_id)

@@ -153,7 +153,10 @@ def write_embeddings(path: str | Path, embeddings: np.ndarray) -> Path:
 
 
 def average_views(
-    video_ids: np.ndarray, labels: np.ndarray, logits: np.ndarray, embeddings: np.ndarray | None = None
+    video_ids: np.ndarray,
+    labels: np.ndarray,
+    logits: np.ndarray,
+    embeddings: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Merge the rows of each video into one: the mean logit (and mean embedding) of its views.
 
@@ -162,9 +165,13 @@ def average_views(
 
     Shape: inputs (R,) [and (R, D)] -> outputs (V,) [and (V, D)], V = distinct video ids, sorted.
     """
-    ids, inverse, counts = np.unique(np.asarray(video_ids, dtype=str), return_inverse=True, return_counts=True)
+    ids, inverse, counts = np.unique(
+        np.asarray(video_ids, dtype=str), return_inverse=True, return_counts=True
+    )
     labels = np.asarray(labels).reshape(-1)
-    mean_logits = np.bincount(inverse, weights=np.asarray(logits, np.float64), minlength=len(ids)) / counts
+    mean_logits = (
+        np.bincount(inverse, weights=np.asarray(logits, np.float64), minlength=len(ids)) / counts
+    )
     video_labels = np.zeros(len(ids), np.int64)
     video_labels[inverse] = labels
     if (bad := video_labels[inverse] != labels).any():
@@ -260,7 +267,12 @@ def align_all(inputs: Mapping[str, Predictions]) -> dict[str, Predictions]:
     for name in names:
         pred = inputs[name]
         if len(pred) != len(common):
-            logger.warning("%s: %d of %d videos have no match in the others; dropped", name, len(pred) - len(common), len(pred))
+            logger.warning(
+                "%s: %d of %d videos have no match in the others; dropped",
+                name,
+                len(pred) - len(common),
+                len(pred),
+            )
         out[name] = pred.take(np.isin(pred.video_ids, common))
     ref = out[names[0]].labels
     for name in names[1:]:

@@ -13,6 +13,7 @@ from data.manifest import ManifestRow, write_manifest
 from data.sampling import Sampling
 from data.store import Store
 from data.synthetic import render_clip, write_video
+from flow.api import flow_params
 from flow.extract import ExtractConfig, extract_dataset, failures_path, shard_rows
 
 FAST = ExtractConfig(method="farneback", backend="opencv", sampling=Sampling(size=32), workers=1)
@@ -41,7 +42,8 @@ def test_every_video_gets_t_minus_one_flows(tmp_path, rows):
         assert fl.shape == (frames - 1, 32, 32, 2) and fl.dtype == np.float32
         attrs = store.attrs(row.video_id)
         assert attrs["label"] == row.label and attrs["group"] == row.group
-        assert attrs["method"] == "farneback" and attrs["param_winsize"] == 13
+        assert attrs["flow_method"] == "farneback" and attrs["flow_param_winsize"] == flow_params("farneback")["winsize"]
+        assert tuple(attrs["source_size"]) == (48, 40)
         assert attrs["source_fps"] == pytest.approx(10, abs=0.5)
     assert summary.pairs == sum(f - 1 for f in [5, 7, 8, 3])
 

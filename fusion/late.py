@@ -1,0 +1,383 @@
+"""Learned late fusion: a class-balanced, L2-regularised logistic layer over the streams' logits.
+
+The layer is fitted on validation predictions only. Its L2 strength is chosen by stratified
+cross-validation on the validation set when the smaller class is big enough, and the learned
+fusion is then judged on its out-of-fold logits: in-sample logits would flatter it, since it was
+fitted on those very videos while the streams never trained on them. When it still scores below
+the best single stream, the model falls back to that stream and says why.
+
+Baselines computed alongside: each stream alone, the plain average of probabilities, and TSN's
+fixed weighted average of logits (RGB:flow = 1:1.5, Wang et al. 2016).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.special import expit, logit
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+from sklearn.model_selection import StratifiedKFold
+from sklearn.utils.class_weight import compute_sample_weight
+
+from fusion.metrics import compute_metrics
+from fusion.predictions import Predictions, align_all, write_atomic
+from fusion.threshold import GOALS, choose_threshold
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "twostream-fusion"
+VERSION = 1
+RESERVED = ("average", "tsn", "learned", "fused")  # candidate names a stream may not take
+SELECT_METRICS = ("accuracy", "macro_f1", "f1", "roc_auc")
+_PROB_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """How late fusion is fitted on validation predictions."""
+
+    goal: str = "accuracy"  # operating-point goal: "accuracy", "f1" (violent) or "recall"
+    min_recall: float | None = None  # violent-recall floor when goal == "recall", e.g. 0.95
+    select_metric: str = "accuracy"  # learned vs single stream, at each one's own threshold
+    use_embeddings: bool = False  # add the streams' penultimate embeddings as features
+    cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)  # inverse L2 strengths tried by CV
+    default_c: float = 1.0  # inverse L2 strength when validation is too small for CV
+    cv_folds: int = 5  # stratified folds over the validation videos
+    cv_min_per_class: int = 20  # CV only when the smaller class has at least this many videos
+    tsn_weights: tuple[tuple[str, float], ...] = (("rgb", 1.0), ("flow", 1.5))  # TSN baseline
+    seed: int = 0  # fold shuffling
+
+    def __post_init__(self) -> None:
+        if self.goal not in GOALS:
+            raise ValueError(
+                f"unknown threshold goal {self.goal!r}; choose one of {', '.join(GOALS)}"
+            )
+        if self.select_metric not in SELECT_METRICS:
+            raise ValueError(
+                f"unknown select_metric {self.select_metric!r}; choose one of {', '.join(SELECT_METRICS)}"
+            )
+        if self.goal == "recall" and not (
+            self.min_recall is not None and 0.0 < self.min_recall <= 1.0
+        ):
+            raise ValueError("goal 'recall' needs min_recall in (0, 1], e.g. 0.95")
+        if self.goal != "recall" and self.min_recall is not None:
+            raise ValueError(f"min_recall applies to goal 'recall' only, not {self.goal!r}")
+        if self.default_c <= 0 or not self.cs or min(self.cs) <= 0:
+            raise ValueError("inverse L2 strengths (cs, default_c) must be positive")
+        if self.cv_folds < 2:
+            raise ValueError("cv_folds must be at least 2")
+
+
+@dataclass(frozen=True)
+class FusionModel:
+    """Fitted late fusion: logit = features @ weights + bias; violent iff sigmoid >= threshold."""
+
+    streams: tuple[str, ...]  # every stream offered at fit time
+    features: tuple[str, ...]  # "<stream>:logit" or "<stream>:emb<j>", the order of `weights`
+    weights: tuple[float, ...]  # per feature, in raw (unstandardised) units
+    bias: float  # added to the weighted sum
+    threshold: float  # operating threshold on the fused probability, chosen on validation
+    goal: str  # the threshold goal
+    min_recall: float | None  # recall floor for goal "recall"
+    method: str  # "learned", or "single" after a fallback
+    selected: str | None = None  # the stream used alone when method == "single"
+    fallback_reason: str | None = None  # why the learned fusion was not kept
+    c: float = 1.0  # inverse L2 strength of the logistic layer
+    cv_folds: int = 0  # folds that chose `c` and scored the learned fusion; 0 = none (too small)
+    n_val: int = 0  # validation videos it was fitted on
+    validation: dict = field(default_factory=dict)  # candidate -> validation metrics
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict, with format and version keys."""
+        d = asdict(self)
+        for key in ("streams", "features", "weights"):
+            d[key] = list(d[key])
+        return {"format": FORMAT, "version": VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> FusionModel:
+        """Rebuild from `to_dict` output."""
+        if not isinstance(d, Mapping) or d.get("format") != FORMAT:
+            fmt = d.get("format") if isinstance(d, Mapping) else type(d).__name__
+            raise ValueError(f"not a fusion model (format {fmt!r}, expected {FORMAT!r})")
+        if d.get("version") != VERSION:
+            raise ValueError(f"unsupported fusion model version {d.get('version')!r}")
+        body = {k: v for k, v in d.items() if k not in ("format", "version")}
+        for key in ("streams", "features", "weights"):
+            if isinstance(body.get(key), list):
+                body[key] = tuple(body[key])
+        try:
+            model = cls(**body)
+        except TypeError as exc:
+            raise ValueError(f"malformed fusion model: {exc}") from None
+        if len(model.features) != len(model.weights):
+            raise ValueError("malformed fusion model: features and weights differ in length")
+        return model
+
+
+def save_fusion(model: FusionModel, path: str | Path) -> Path:
+    """Write the model as JSON, atomically."""
+    return write_atomic(path, json.dumps(model.to_dict(), indent=2) + "\n")
+
+
+def load_fusion(path: str | Path) -> FusionModel:
+    """Read a model written by `save_fusion`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"fusion model not found: {path}")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    return FusionModel.from_dict(d)
+
+
+def _feature_names(streams: tuple[str, ...], dims: Mapping[str, int]) -> tuple[str, ...]:
+    names = []
+    for s in streams:
+        names.append(f"{s}:logit")
+        names.extend(f"{s}:emb{j}" for j in range(dims.get(s, 0)))
+    return tuple(names)
+
+
+def _design(
+    features: tuple[str, ...],
+    logits: Mapping[str, np.ndarray],
+    embeddings: Mapping[str, np.ndarray],
+) -> np.ndarray:
+    """Stack the named features into a (N, F) float64 matrix."""
+    cols = []
+    for name in features:
+        stream, _, part = name.rpartition(":")
+        if part == "logit":
+            cols.append(np.asarray(logits[stream], np.float64).reshape(-1))
+        else:
+            cols.append(np.asarray(embeddings[stream], np.float64)[:, int(part[3:])])
+    return np.stack(cols, axis=1)
+
+
+def _needed_streams(model: FusionModel) -> list[str]:
+    return list(dict.fromkeys(name.rpartition(":")[0] for name in model.features))
+
+
+def fuse_logits(
+    model: FusionModel,
+    logits: Mapping[str, np.ndarray],
+    embeddings: Mapping[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Fused violent logits from per-stream arrays already in one video order.
+
+    Shape: logits[stream] (N,), embeddings[stream] (N, D) -> (N,).
+    """
+    embeddings = embeddings or {}
+    for stream in _needed_streams(model):
+        if stream not in logits:
+            raise ValueError(
+                f"the fusion model needs stream {stream!r}; got {', '.join(logits) or 'none'}"
+            )
+        dim = sum(f.startswith(f"{stream}:emb") for f in model.features)
+        if dim and stream not in embeddings:
+            raise ValueError(f"the fusion model needs embeddings of stream {stream!r}")
+        if dim and np.shape(embeddings[stream])[-1] != dim:
+            raise ValueError(
+                f"the fusion model expects {dim}-d embeddings for stream {stream!r}; "
+                f"got shape {np.shape(embeddings[stream])}"
+            )
+    x = _design(model.features, logits, embeddings)  # (N, F)
+    return x @ np.asarray(model.weights, np.float64) + model.bias
+
+
+def fuse(model: FusionModel, inputs: Mapping[str, Predictions]) -> Predictions:
+    """Fused predictions over the videos every needed stream holds (sorted by video_id)."""
+    needed = _needed_streams(model)
+    missing = [s for s in needed if s not in inputs]
+    if missing:
+        raise ValueError(
+            f"the fusion model needs stream(s) {', '.join(missing)}; got {', '.join(inputs) or 'none'}"
+        )
+    aligned = align_all({s: inputs[s] for s in needed})
+    emb = {s: p.embeddings for s, p in aligned.items() if p.embeddings is not None}
+    fused = fuse_logits(model, {s: p.logits for s, p in aligned.items()}, emb)
+    ref = aligned[needed[0]]
+    return Predictions(ref.video_ids, ref.labels, fused)
+
+
+def apply(model: FusionModel, inputs: Mapping[str, Predictions]) -> np.ndarray:
+    """Fused violent logits, (N,), in the sorted video_id order of the videos all streams hold."""
+    return fuse(model, inputs).logits
+
+
+def baselines(
+    inputs: Mapping[str, Predictions], tsn_weights: Mapping[str, float] | None = None
+) -> dict[str, Predictions]:
+    """Each stream alone, `average` of probabilities, and `tsn` weighted logits when its streams exist.
+
+    TSN's weighted average is normalised by the weight sum, so it stays on the logit scale.
+    """
+    tsn_weights = dict(FusionConfig.tsn_weights if tsn_weights is None else tsn_weights)
+    aligned = align_all(inputs)
+    ref = next(iter(aligned.values()))
+    out = {name: Predictions(ref.video_ids, ref.labels, p.logits) for name, p in aligned.items()}
+    mean_prob = np.mean([p.probabilities for p in aligned.values()], axis=0)  # (N,)
+    out["average"] = Predictions(
+        ref.video_ids, ref.labels, logit(np.clip(mean_prob, _PROB_EPS, 1 - _PROB_EPS))
+    )
+    if tsn_weights and all(s in aligned for s in tsn_weights):
+        total = sum(tsn_weights.values())
+        tsn = sum(w * aligned[s].logits for s, w in tsn_weights.items()) / total
+        out["tsn"] = Predictions(ref.video_ids, ref.labels, tsn)
+    return out
+
+
+def _fit_lr(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, float]:
+    """Class-balanced L2 logistic regression on standardised features, returned in raw units."""
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale = np.where(scale > 0, scale, 1.0)  # a constant feature carries nothing; keep it finite
+    lr = LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
+    lr.fit((x - mean) / scale, y)
+    w = lr.coef_[0] / scale
+    return w, float(lr.intercept_[0] - w @ mean)
+
+
+def _out_of_fold(x: np.ndarray, y: np.ndarray, c: float, folds: StratifiedKFold) -> np.ndarray:
+    oof = np.empty(len(y))
+    for train, test in folds.split(x, y):
+        w, b = _fit_lr(x[train], y[train], c)
+        oof[test] = x[test] @ w + b
+    return oof
+
+
+def _score(labels: np.ndarray, logits: np.ndarray, cfg: FusionConfig) -> dict:
+    probs = expit(logits)
+    thr = choose_threshold(labels, probs, cfg.goal, cfg.min_recall)
+    m = compute_metrics(labels, probs, thr)
+    return {
+        "threshold": thr,
+        "accuracy": m["accuracy"],
+        "macro_f1": m["macro_f1"],
+        "f1": m["per_class"]["violent"]["f1"],
+        "recall": m["per_class"]["violent"]["recall"],
+        "roc_auc": m["roc_auc"],
+        "log_loss": m["log_loss"],
+    }
+
+
+def _rank_key(s: dict, metric: str) -> tuple[float, float, float]:
+    """Larger is better: the chosen metric, then lower log-loss, then higher ROC-AUC."""
+    return (s[metric] if s[metric] is not None else -np.inf, -s["log_loss"], s["roc_auc"] or 0.0)
+
+
+def fit_fusion(
+    val_inputs: Mapping[str, Predictions], config: FusionConfig | None = None
+) -> FusionModel:
+    """Fit late fusion of the streams' validation predictions; fall back to one stream if better.
+
+    Args:
+        val_inputs: stream name -> its validation predictions (never test predictions).
+    """
+    cfg = config or FusionConfig()
+    if not val_inputs:
+        raise ValueError("fusion needs validation predictions of at least one stream")
+    for name, p in val_inputs.items():
+        if name in RESERVED:
+            raise ValueError(f"stream name {name!r} is reserved; rename the stream")
+        if len(p) == 0:
+            raise ValueError(f"validation predictions of stream {name!r} are empty")
+        if cfg.use_embeddings and p.embeddings is None:
+            raise ValueError(
+                f"use_embeddings is set but stream {name!r} has no validation embeddings"
+            )
+    aligned = align_all(val_inputs)
+    streams = tuple(aligned)
+    y = aligned[streams[0]].labels
+    n_pos = int(y.sum())
+    if n_pos in (0, len(y)):
+        only = "violent" if n_pos else "non-violent"
+        raise ValueError(
+            f"validation set holds only {only} videos ({len(y)}); fusion needs both classes"
+        )
+
+    logits = {s: p.logits for s, p in aligned.items()}
+    emb = {s: p.embeddings for s, p in aligned.items()} if cfg.use_embeddings else {}
+    features = _feature_names(streams, {s: e.shape[1] for s, e in emb.items()})
+    x = _design(features, logits, emb)  # (N, F)
+
+    minority = min(n_pos, len(y) - n_pos)
+    if minority >= cfg.cv_min_per_class:
+        folds = StratifiedKFold(cfg.cv_folds, shuffle=True, random_state=cfg.seed)
+        sample_w = compute_sample_weight("balanced", y)
+        best = None
+        for c in sorted(cfg.cs):  # ascending, so ties keep the stronger regularisation
+            oof = _out_of_fold(x, y, c, folds)
+            loss = log_loss(y, expit(oof), sample_weight=sample_w, labels=[0, 1])
+            logger.debug("fusion C=%g: out-of-fold balanced log-loss %.4f", c, loss)
+            if best is None or loss < best[0] - 1e-12:
+                best = (loss, c, oof)
+        _, c, learned_val = best
+        n_folds = cfg.cv_folds
+    else:
+        c, n_folds = cfg.default_c, 0
+        logger.info(
+            "validation minority class has %d videos (< %d): L2 strength left at C=%g, learned fusion "
+            "scored in-sample",
+            minority,
+            cfg.cv_min_per_class,
+            c,
+        )
+    w, b = _fit_lr(x, y, c)
+    if n_folds == 0:
+        learned_val = x @ w + b
+
+    base = baselines(aligned, dict(cfg.tsn_weights))
+    scores = {name: _score(y, p.logits, cfg) for name, p in base.items()}
+    scores["learned"] = _score(y, learned_val, cfg)
+    best_single = max(streams, key=lambda s: _rank_key(scores[s], cfg.select_metric))
+    learned, single = scores["learned"], scores[best_single]
+    common = dict(
+        streams=streams,
+        goal=cfg.goal,
+        min_recall=cfg.min_recall,
+        c=float(c),
+        cv_folds=n_folds,
+        n_val=len(y),
+        validation=scores,
+    )
+    if _rank_key(learned, cfg.select_metric) < _rank_key(single, cfg.select_metric):
+        how = "out-of-fold" if n_folds else "in-sample"
+        reason = (
+            f"learned fusion ({how}) scored validation {cfg.select_metric} {learned[cfg.select_metric]:.4f}, "
+            f"log-loss {learned['log_loss']:.4f}, below {best_single} alone "
+            f"({single[cfg.select_metric]:.4f}, log-loss {single['log_loss']:.4f}); using {best_single} alone"
+        )
+        logger.warning("%s", reason)
+        return FusionModel(
+            features=(f"{best_single}:logit",),
+            weights=(1.0,),
+            bias=0.0,
+            threshold=single["threshold"],
+            method="single",
+            selected=best_single,
+            fallback_reason=reason,
+            **common,
+        )
+    logger.info(
+        "learned fusion kept: validation %s %.4f vs best single stream %s %.4f",
+        cfg.select_metric,
+        learned[cfg.select_metric],
+        best_single,
+        single[cfg.select_metric],
+    )
+    return FusionModel(
+        features=features,
+        weights=tuple(float(v) for v in w),
+        bias=b,
+        threshold=learned["threshold"],
+        method="learned",
+        **common,
+    )
