@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from cli import dataset_cmds, extract_cmds, feature_cmds, fusion_cmds, stream_cmds
+from cli import dataset_cmds, extract_cmds, feature_cmds, fusion_cmds, run_cmds, stream_cmds
 
 app = typer.Typer(
     name="twostream",
@@ -16,7 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (dataset_cmds, extract_cmds, feature_cmds, stream_cmds, fusion_cmds):
+for _module in (dataset_cmds, extract_cmds, feature_cmds, stream_cmds, fusion_cmds, run_cmds):
     _module.register(app)
 
 

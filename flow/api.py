@@ -140,6 +140,8 @@ def _to_grey_uint8(x) -> np.ndarray:
 def _to_grey_float(x, device: torch.device) -> torch.Tensor:
     """(N, H, W[, 3]) array or tensor -> (N, H, W) float32 grey levels in [0, 255] on `device`."""
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()  # page-locked, so the copy below runs asynchronously
     t = t.to(device, non_blocking=True).to(torch.float32)
     if t.ndim == 4:
         t = t @ torch.tensor(_GREY, dtype=torch.float32, device=device)

@@ -1,0 +1,171 @@
+"""Temporal heads: per-frame features (N, T, D) -> one violence logit per clip (N,).
+
+Every head encodes the sequence into (N, T, E), pools it over time with learned attention scores
+(Bahdanau-style: s_t = v^T tanh(W h_t), softmax over valid steps) and classifies the pooled vector
+with dense layers; the last hidden dense layer is the clip embedding (`embed`).
+
+A `mask` (N, T) marks valid steps with True. Valid steps must come first (padding at the end),
+and every clip needs at least one. Padding never changes the result: recurrent layers see packed
+sequences, temporal convolutions see zeros (as at a real sequence end), attention ignores it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from streams.config import HEADS, ModelConfig
+
+
+def check_mask(mask: torch.Tensor | None, n: int, t: int) -> torch.Tensor | None:
+    """Validate a (N, T) valid-step mask; returns the lengths (N,) or None when nothing is padded."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool or tuple(mask.shape) != (n, t):
+        raise ValueError(f"mask must be a bool tensor of shape ({n}, {t}), got {mask.dtype} {tuple(mask.shape)}")
+    lengths = mask.sum(dim=1)
+    if bool((lengths == 0).any()):
+        raise ValueError("mask leaves a clip with no valid step")
+    prefix = torch.arange(t, device=mask.device) < lengths[:, None]
+    if not torch.equal(prefix, mask):
+        raise ValueError("mask must mark a prefix of each clip as valid (padding at the end only)")
+    return None if bool((lengths == t).all()) else lengths
+
+
+def attention_pool(h: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax-weighted mean over time of h, ignoring masked steps.
+
+    Shape: h (N, T, E), scores (N, T), mask (N, T) bool or None -> (N, E).
+    """
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=1)  # (N, T)
+    return torch.einsum("nt,nte->ne", weights, h)
+
+
+def sinusoidal_positions(t: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Transformer positional encoding (Vaswani et al. 2017, sec. 3.5). Shape: (T, dim)."""
+    pos = torch.arange(t, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(t, dim, device=device, dtype=torch.float32)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return pe.to(dtype)
+
+
+class TemporalHead(nn.Module):
+    """Base of every head: `encode` (subclass) -> attention pooling -> dense classifier."""
+
+    def __init__(self, enc_dim: int, dense_units: tuple[int, ...], dropout: float) -> None:
+        super().__init__()
+        # The scorer's output has no bias: softmax ignores a shift, so the bias would never learn.
+        self.score = nn.Sequential(nn.Linear(enc_dim, enc_dim), nn.Tanh(), nn.Linear(enc_dim, 1, bias=False))
+        layers: list[nn.Module] = []
+        width = enc_dim
+        for units in dense_units:
+            layers += [nn.Linear(width, units), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            width = units
+        self.dense = nn.Sequential(*layers[:-1])  # the embedding is taken before the last dropout
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(width, 1)
+        self.embed_dim = width
+
+    def encode(self, x: torch.Tensor, mask: torch.Tensor | None, lengths: torch.Tensor | None) -> torch.Tensor:
+        """Shape: (N, T, D) -> (N, T, E)."""
+        raise NotImplementedError
+
+    def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Clip embedding. Shape: (N, T, D), mask (N, T) -> (N, dense_units[-1])."""
+        if x.ndim != 3:
+            raise ValueError(f"head expects features (N, T, D), got {tuple(x.shape)}")
+        lengths = check_mask(mask, x.shape[0], x.shape[1])
+        mask = mask if lengths is not None else None
+        h = self.encode(x, mask, lengths)  # (N, T, E)
+        pooled = attention_pool(h, self.score(h).squeeze(-1), mask)  # (N, E)
+        return self.dense(pooled)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Shape: (N, T, D), mask (N, T) -> logits (N,)."""
+        return self.out(self.dropout(self.embed(x, mask))).squeeze(-1)
+
+
+def _run_rnn(rnn: nn.RNNBase, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    if lengths is None:
+        return rnn(x)[0]
+    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    return pad_packed_sequence(rnn(packed)[0], batch_first=True, total_length=x.shape[1])[0]
+
+
+class RecurrentAttentionHead(TemporalHead):
+    """Bidirectional LSTM or GRU -> multi-head self-attention with residual + LayerNorm -> pool."""
+
+    def __init__(self, in_dim: int, cfg: ModelConfig, cell: str = "lstm") -> None:
+        enc = 2 * cfg.lstm_hidden
+        super().__init__(enc, cfg.dense_units, cfg.dropout)
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        self.rnn = rnn(in_dim, cfg.lstm_hidden, num_layers=cfg.lstm_layers, batch_first=True, bidirectional=True,
+                       dropout=cfg.lstm_dropout if cfg.lstm_layers > 1 else 0.0)
+        self.attn = nn.MultiheadAttention(enc, cfg.attention_heads, batch_first=True)
+        self.norm = nn.LayerNorm(enc)
+
+    def encode(self, x, mask, lengths):
+        h = _run_rnn(self.rnn, x, lengths)  # (N, T, 2H)
+        pad = None if mask is None else ~mask
+        a = self.attn(h, h, h, key_padding_mask=pad, need_weights=False)[0]
+        return self.norm(h + a)
+
+
+class ConvLSTMHead(TemporalHead):
+    """Two temporal convolutions (local motion patterns) -> bidirectional LSTM -> pool."""
+
+    def __init__(self, in_dim: int, cfg: ModelConfig) -> None:
+        super().__init__(2 * cfg.lstm_hidden, cfg.dense_units, cfg.dropout)
+        k, c = cfg.conv_kernel, cfg.conv_channels
+        self.conv1 = nn.Conv1d(in_dim, c, k, padding=k // 2)
+        self.conv2 = nn.Conv1d(c, c, k, padding=k // 2)
+        self.rnn = nn.LSTM(c, cfg.lstm_hidden, num_layers=cfg.lstm_layers, batch_first=True, bidirectional=True,
+                           dropout=cfg.lstm_dropout if cfg.lstm_layers > 1 else 0.0)
+
+    def encode(self, x, mask, lengths):
+        # Zeroing padded steps before each convolution makes them look like the conv's own zero
+        # padding, so valid steps come out exactly as for the unpadded clip.
+        keep = None if mask is None else mask[:, None, :].to(x.dtype)  # (N, 1, T)
+        h = x.transpose(1, 2)  # (N, D, T)
+        for conv in (self.conv1, self.conv2):
+            h = torch.relu(conv(h if keep is None else h * keep))
+        return _run_rnn(self.rnn, h.transpose(1, 2), lengths)  # (N, T, 2H)
+
+
+class TransformerHead(TemporalHead):
+    """Linear projection + sinusoidal positions -> small pre-norm transformer encoder -> pool."""
+
+    def __init__(self, in_dim: int, cfg: ModelConfig) -> None:
+        d = cfg.transformer_dim
+        super().__init__(d, cfg.dense_units, cfg.dropout)
+        self.proj = nn.Linear(in_dim, d)
+        layer = nn.TransformerEncoderLayer(d, cfg.attention_heads, cfg.transformer_ff, cfg.transformer_dropout,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg.transformer_layers, norm=nn.LayerNorm(d),
+                                             enable_nested_tensor=False)
+        self.drop = nn.Dropout(cfg.transformer_dropout)
+
+    def encode(self, x, mask, lengths):
+        h = self.proj(x)  # (N, T, d)
+        h = self.drop(h + sinusoidal_positions(h.shape[1], h.shape[2], h.device, h.dtype))
+        return self.encoder(h, src_key_padding_mask=None if mask is None else ~mask)
+
+
+def build_head(cfg: ModelConfig, in_dim: int) -> TemporalHead:
+    """The head named by `cfg.head` over `in_dim`-d frame features."""
+    if cfg.head == "bilstm_attention":
+        return RecurrentAttentionHead(in_dim, cfg, "lstm")
+    if cfg.head == "gru_attention":
+        return RecurrentAttentionHead(in_dim, cfg, "gru")
+    if cfg.head == "conv1d_lstm":
+        return ConvLSTMHead(in_dim, cfg)
+    if cfg.head == "transformer":
+        return TransformerHead(in_dim, cfg)
+    raise ValueError(f"unknown head {cfg.head!r}; choose one of {', '.join(HEADS)}")
