@@ -1,0 +1,906 @@
+"""Crash-safe HDF5 store of sampled RGB frames and the optical flow between consecutive ones.
+
+Layout of a store file:
+
+    /                         attrs: schema_version, created_at, created_with, + the writer's root_attrs
+    /videos/<video_id>/       attrs: as written + flow_codec, flow_bound, num_frames, flow_nbytes
+        rgb                   (T, H, W, 3) uint8, one chunk per frame, deflate
+        flow                  T-1 fields: (T-1, H, W, 2) for array codecs, (T-1,) byte strings for
+                              stream codecs (see data.flowcodec); decodes to (T-1, H, W, 2) float32
+
+HDF5 is not crash-safe: a process killed inside a write can leave the whole file unreadable. So
+the main file is never modified in place. Each video is written to its own file in the sibling
+folder `<store>.parts/`, under a temporary name, fsynced and renamed to `<video_id>.h5`: the
+rename is the commit. Readers join the main file and the committed parts. `finalize()` copies
+main + parts into `<store>.tmp` (raw chunk copies, no recompression), fsyncs it and renames it
+over the main file, then deletes the parts. A kill at any instant therefore leaves the old or the
+new main file plus parts that at worst duplicate it; readers and `done_ids` de-duplicate, and
+leftover temporary files are ignored and removed by the next writer. `finalize()` rewrites the
+whole main file, so it belongs at the end of a run (leaving the `with` block does it), not after
+every video. A writer holds `<store>.lock` (flock), so a second writer fails instead of racing.
+
+Shards: each extraction process writes `shard_path(store, i, n)`; `merge` copies the shards into
+one file and `write_index` joins them without copying through a small index file that `Store`
+opens like a store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+import h5py
+import numpy as np
+
+from data.flowcodec import DEFAULT_CODEC, Codec, decode, encode, get_codec
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the one-writer rule is then the caller's.
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+# Provenance every video must carry (DESIGN.md "Store"); write() refuses attrs without them.
+REQUIRED_ATTRS = ("label", "group", "source_path", "source_fps", "source_size", "flow_method")
+# Written by the store itself next to the caller's attrs.
+STORE_ATTRS = ("flow_codec", "flow_bound", "num_frames", "flow_nbytes")
+RGB_HDF5 = dict(compression="gzip", compression_opts=4)  # deflate 4: most of 9's ratio, far faster
+_STREAM_CHUNK = 64  # byte-string references per chunk; the payloads themselves live in the heap
+_MAX_OPEN_FILES = 64  # part files kept open per reader process (an unfinalized store has many)
+_JSON_KEYS = "_json_keys"  # attr listing the keys whose values were stored as JSON text
+
+
+class MissingVideoError(KeyError, ValueError):
+    """A video id the store does not hold (a KeyError for mappings, a ValueError for the CLI)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+# --- paths -------------------------------------------------------------------------------------
+
+
+def _parts_dir(path: Path) -> Path:
+    return path.with_name(path.name + ".parts")
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+def _part_name(video_id: str) -> str:
+    # Percent-encoding keeps any id a single portable file name.
+    return quote(video_id, safe="") + ".h5"
+
+
+def _check_video_id(video_id: object) -> str:
+    if not isinstance(video_id, str) or video_id in ("", ".", ".."):
+        raise ValueError(
+            f"video id must be a non-empty string other than '.' and '..', got {video_id!r}"
+        )
+    if "/" in video_id or "\0" in video_id:
+        raise ValueError(f"video id {video_id!r} must not contain '/' or NUL")
+    if len(_part_name(video_id).encode()) > 240:
+        raise ValueError(f"video id {video_id[:40]!r}... is too long for a file name")
+    return video_id
+
+
+def shard_path(path: str | Path, index: int, count: int) -> Path:
+    """The file shard `index` of `count` writes, e.g. store.h5 -> store.shard-0-of-4.h5."""
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {index} of {count} is out of range (need 0 <= index < count)")
+    path = Path(path)
+    return path.with_name(f"{path.stem}.shard-{index}-of-{count}{path.suffix}")
+
+
+# --- durability --------------------------------------------------------------------------------
+
+
+def _fsync_path(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on Windows; nothing to sync there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Make the complete file `tmp` durable and atomically visible as `final`."""
+    _fsync_path(tmp)
+    os.replace(tmp, final)
+    _fsync_path(final.parent)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+# --- attrs -------------------------------------------------------------------------------------
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(type(value).__name__)
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal once stored: a tuple reads back as a list, a numpy scalar as a Python number."""
+    canon = lambda v: json.dumps(v, default=_json_default, sort_keys=True)  # noqa: E731
+    try:
+        return canon(a) == canon(b)
+    except TypeError:
+        return False
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _native(value: object) -> object | None:
+    """The HDF5-attribute form of `value`, or None when only JSON keeps it intact."""
+    if isinstance(value, (str, Path)):
+        return str(value)
+    if isinstance(value, (bool, np.bool_)):
+        return np.bool_(value)
+    if _is_int(value):
+        return np.int64(value)
+    if isinstance(value, (float, np.floating)):
+        return np.float64(value)
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf" and value.size:
+        return value
+    if isinstance(value, (list, tuple)) and value:
+        if all(isinstance(x, str) for x in value):
+            return list(value)
+        if all(_is_int(x) for x in value):
+            return np.asarray(value, np.int64)
+        if all(isinstance(x, (float, np.floating)) for x in value):
+            return np.asarray(value, np.float64)
+    return None
+
+
+def _put_attrs(obj: h5py.HLObject, attrs: dict) -> None:
+    """Write plain values as HDF5 attrs; dicts, None, empty or mixed lists go in as JSON text."""
+    json_keys = set(_get_json_keys(obj))
+    for key, value in attrs.items():
+        if not isinstance(key, str) or not key or key == _JSON_KEYS:
+            raise ValueError(
+                f"attr name must be a non-empty string other than {_JSON_KEYS!r}, got {key!r}"
+            )
+        native = _native(value)
+        if native is None:
+            try:
+                native = json.dumps(value, default=_json_default)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"attr {key!r}: cannot store a value of type {err}") from None
+            json_keys.add(key)
+        else:
+            json_keys.discard(key)
+        obj.attrs[key] = native
+    if json_keys:
+        obj.attrs[_JSON_KEYS] = sorted(json_keys)
+    elif _JSON_KEYS in obj.attrs:
+        del obj.attrs[_JSON_KEYS]
+
+
+def _get_json_keys(obj: h5py.HLObject) -> list[str]:
+    keys = obj.attrs.get(_JSON_KEYS)
+    return [] if keys is None else [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return [_plain(x) for x in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _get_attrs(obj: h5py.HLObject) -> dict:
+    json_keys = set(_get_json_keys(obj))
+    out = {}
+    for key, value in obj.attrs.items():
+        if key == _JSON_KEYS:
+            continue
+        out[key] = json.loads(_plain(value)) if key in json_keys else _plain(value)
+    return out
+
+
+def _created_with() -> str:
+    try:
+        from importlib.metadata import version
+
+        ours = version("twostream-violence")
+    except Exception:  # running from a source tree that is not installed
+        ours = "unknown"
+    return f"twostream {ours}; h5py {h5py.__version__}; HDF5 {h5py.version.hdf5_version}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --- locking -----------------------------------------------------------------------------------
+
+
+def _acquire_lock(path: Path) -> int | None:
+    """Hold `<store>.lock` so a second writer fails loudly instead of corrupting the parts."""
+    if fcntl is None:
+        return None
+    lock = _lock_path(path)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(
+                f"{path} is being written by another process (it holds {lock})"
+            ) from None
+        # A writer that was releasing may have unlinked the file we locked; then lock the new one.
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _release_lock(path: Path, fd: int | None) -> None:
+    if fd is None:
+        return
+    _unlink(_lock_path(path))
+    os.close(fd)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def _check_video(rgb: np.ndarray, flow: np.ndarray) -> None:
+    if rgb.ndim != 4 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"rgb must be (T, H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
+    if rgb.shape[0] < 2:
+        raise ValueError(f"a video needs at least 2 frames to have flow, got {rgb.shape[0]}")
+    if flow.ndim != 4 or flow.shape[-1] != 2:
+        raise ValueError(f"flow must be (T-1, H, W, 2), got {flow.shape}")
+    if flow.shape[0] != rgb.shape[0] - 1:
+        raise ValueError(
+            f"{rgb.shape[0]} frames need {rgb.shape[0] - 1} flow fields, got {flow.shape[0]}"
+        )
+    if flow.shape[1:3] != rgb.shape[1:3]:
+        raise ValueError(f"flow is {flow.shape[1:3]} but the frames are {rgb.shape[1:3]}")
+
+
+def _check_attrs(attrs: dict) -> None:
+    missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+    if missing:
+        raise ValueError(
+            f"video attrs lack {', '.join(missing)} (required: {', '.join(REQUIRED_ATTRS)})"
+        )
+    reserved = [k for k in STORE_ATTRS if k in attrs]
+    if reserved:
+        raise ValueError(
+            f"video attrs {', '.join(reserved)} are written by the store; leave them out"
+        )
+    try:
+        int(attrs["label"])
+    except (TypeError, ValueError):
+        raise ValueError(f"video label must be an integer, got {attrs['label']!r}") from None
+
+
+def _write_video(
+    videos: h5py.Group,
+    video_id: str,
+    rgb: np.ndarray,
+    stored: np.ndarray,
+    codec: Codec,
+    bound: float,
+    attrs: dict,
+) -> None:
+    t, h, w, _ = rgb.shape
+    group = videos.create_group(video_id)
+    group.create_dataset("rgb", data=rgb, chunks=(1, h, w, 3), **RGB_HDF5)
+    if codec.stream:
+        ds = group.create_dataset(
+            "flow",
+            shape=(t - 1,),
+            dtype=h5py.vlen_dtype(np.uint8),
+            chunks=(min(t - 1, _STREAM_CHUNK),),
+        )
+        # The low-level write takes the (T-1,) object array as is; h5py's ds[...] = stored would
+        # first fuse equal-length payloads (a static camera) into a 2-D array and fail.
+        ds.id.write(h5py.h5s.ALL, h5py.h5s.ALL, stored)
+        group.file.flush()
+        nbytes = sum(int(b.size) for b in stored) + ds.id.get_storage_size()
+    else:
+        ds = group.create_dataset("flow", data=stored, chunks=(1, h, w, 2), **codec.hdf5)
+        group.file.flush()
+        nbytes = ds.id.get_storage_size()
+    extra = dict(
+        flow_codec=codec.name, flow_bound=float(bound), num_frames=int(t), flow_nbytes=int(nbytes)
+    )
+    _put_attrs(group, {**attrs, **extra})
+
+
+def _committed_parts(parts: Path) -> dict[str, Path]:
+    if not parts.is_dir():
+        return {}
+    return {unquote(p.name[: -len(".h5")]): p for p in sorted(parts.glob("*.h5"))}
+
+
+class StoreWriter:
+    """Writes videos into a store, each one durable once `write` returns; one writer per file.
+
+    `with StoreWriter(path) as w:` finalizes on a clean exit and leaves an interrupted run
+    resumable: skip `w.done_ids()` and write the rest.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        flow_codec: str = DEFAULT_CODEC,
+        bound: float = 20.0,
+        root_attrs: dict | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        # Encoding qwebp costs more CPU than anything else in write(); None: up to 4 cores.
+        self.threads = threads if threads is not None else min(4, os.cpu_count() or 1)
+        self.codec = get_codec(flow_codec)
+        self.bound = float(bound)
+        encode(np.zeros((1, 1, 1, 2), np.float32), self.codec, self.bound)  # bad bound: fail now
+        if not self.path.parent.is_dir():
+            raise FileNotFoundError(f"{self.path.parent}: no such directory for the store")
+        if self.path.is_dir():
+            raise ValueError(f"{self.path} is a directory, not a store file")
+        self._root_attrs = dict(root_attrs or {})
+        for key in ("schema_version", _JSON_KEYS):
+            self._root_attrs.pop(key, None)
+        self._lock = _acquire_lock(self.path)
+        self._closed = False
+        try:
+            self._parts = _parts_dir(self.path)
+            self._clean_stale()
+            self._done = self._open_main()
+        except BaseException:
+            _release_lock(self.path, self._lock)
+            self._lock = None
+            raise
+
+    def _clean_stale(self) -> None:
+        # Only this writer ever creates temporary files here, so any that exist are a dead run's.
+        _unlink(_tmp_path(self.path))
+        if self._parts.is_dir():
+            for stale in self._parts.glob("*.tmp"):
+                logger.info("removing %s left by an interrupted write", stale)
+                _unlink(stale)
+
+    def _open_main(self) -> set[str]:
+        main_ids: set[str] = set()
+        if self.path.exists():
+            try:
+                with h5py.File(self.path, "r") as f:
+                    if f.attrs.get("store_kind") == "index":
+                        raise ValueError(
+                            f"{self.path} is a shard index; write to its shards instead"
+                        )
+                    version = f.attrs.get("schema_version")
+                    if version != SCHEMA_VERSION:
+                        raise ValueError(
+                            f"{self.path} has store schema {version}, this code writes {SCHEMA_VERSION}"
+                        )
+                    main_ids = set(f["videos"].keys()) if "videos" in f else set()
+            except OSError as err:
+                raise ValueError(f"{self.path} is not a readable HDF5 store ({err})") from None
+        else:
+            tmp = _tmp_path(self.path)
+            with h5py.File(tmp, "w") as f:
+                f.create_group("videos")
+                _put_attrs(f, self._root_header())
+            _commit(tmp, self.path)
+        return main_ids | set(_committed_parts(self._parts))
+
+    def _root_header(self, base: dict | None = None) -> dict:
+        header = dict(base or {})
+        header.setdefault("created_at", _now())
+        header.update(
+            schema_version=SCHEMA_VERSION,
+            created_with=_created_with(),
+            flow_codec=self.codec.name,
+            flow_bound=self.bound,
+        )
+        header.update(self._root_attrs)
+        return header
+
+    def done_ids(self) -> set[str]:
+        """Videos already complete, in the main file or written aside by an interrupted run."""
+        return set(self._done)
+
+    def write(self, video_id: str, rgb: np.ndarray, flow: np.ndarray, attrs: dict) -> None:
+        """Store one video atomically: durable when this returns, invisible if killed before.
+
+        Shape: rgb (T, H, W, 3) uint8, flow (T-1, H, W, 2) float32 px (dx, dy).
+        """
+        if self._closed:
+            raise ValueError(f"the writer of {self.path} is closed")
+        _check_video_id(video_id)
+        if video_id in self._done:
+            raise ValueError(f"video {video_id!r} is already in {self.path}")
+        rgb, flow = np.asarray(rgb), np.asarray(flow)
+        _check_video(rgb, flow)
+        _check_attrs(attrs)
+        stored = encode(flow, self.codec, self.bound, threads=self.threads)
+        self._parts.mkdir(exist_ok=True)
+        tmp = self._parts / f".{uuid.uuid4().hex}.tmp"
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["schema_version"] = SCHEMA_VERSION
+                _write_video(
+                    f.create_group("videos"), video_id, rgb, stored, self.codec, self.bound, attrs
+                )
+            _commit(tmp, self._parts / _part_name(video_id))
+        finally:
+            _unlink(tmp)
+        self._done.add(video_id)
+        logger.debug("stored %s: %d frames", video_id, rgb.shape[0])
+
+    def finalize(self) -> Path:
+        """Join the main file and every committed part into the main file, atomically; idempotent."""
+        parts = _committed_parts(self._parts)
+        with h5py.File(self.path, "r") as main:
+            root = _get_attrs(main)
+            if not parts and all(_same(root.get(k), v) for k, v in self._root_attrs.items()):
+                self._remove_parts_dir()
+                return self.path
+            tmp = _tmp_path(self.path)
+            with h5py.File(tmp, "w") as out:
+                videos = out.create_group("videos")
+                for video_id in main["videos"] if "videos" in main else ():
+                    if video_id not in parts:  # a part that duplicates main is the same video
+                        videos.copy(main["videos"][video_id], videos, name=video_id)
+                for video_id, part in parts.items():
+                    try:
+                        with h5py.File(part, "r") as src:
+                            videos.copy(src["videos"][video_id], videos, name=video_id)
+                    except (OSError, KeyError) as err:
+                        raise ValueError(
+                            f"{part}: unreadable part file ({err}); remove it and rewrite that video"
+                        ) from None
+                _put_attrs(out, {**self._root_header(root), "finalized_at": _now()})
+        _commit(tmp, self.path)
+        for part in parts.values():
+            _unlink(part)
+        self._remove_parts_dir()
+        logger.info("finalized %s: %d videos joined", self.path, len(parts))
+        return self.path
+
+    def _remove_parts_dir(self) -> None:
+        try:
+            self._parts.rmdir()
+        except OSError:  # absent, or holding files this run did not commit
+            pass
+
+    def close(self) -> None:
+        """Release the store (without finalizing); the writer cannot write afterwards."""
+        _release_lock(self.path, self._lock)
+        self._lock = None
+        self._closed = True
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.finalize()
+        finally:
+            self.close()
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def _read_rows(ds: h5py.Dataset, index: object) -> tuple[object, bool]:
+    """Rows of `ds` picked by a slice, an int, or a sequence of ints (any order, repeats allowed).
+
+    Returns the rows and whether `index` was a scalar (numpy drops that axis).
+    """
+    n = ds.shape[0]
+    if isinstance(index, slice):
+        start, stop, step = index.indices(n)
+        if step > 0:
+            return ds[start:stop:step], False
+        index = np.arange(start, stop, step)
+    idx = np.asarray(index)
+    scalar = idx.ndim == 0
+    idx = idx.reshape(-1)
+    if idx.size and idx.dtype.kind not in "iu":
+        raise IndexError(f"frame index must be a slice, an int or ints, got dtype {idx.dtype}")
+    idx = idx.astype(np.int64)
+    bad = (idx < -n) | (idx >= n)
+    if bad.any():
+        raise IndexError(f"frame index {int(idx[bad][0])} is out of range for {n} rows")
+    idx = np.where(idx < 0, idx + n, idx)
+    if idx.size == 0:
+        return ds[0:0], scalar
+    # h5py reads only increasing, unique selections; read those and fan out.
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    if uniq[-1] - uniq[0] + 1 == uniq.size:
+        rows = ds[int(uniq[0]) : int(uniq[-1]) + 1]
+    else:
+        rows = ds[uniq]
+    return rows[inverse], scalar
+
+
+class Store:
+    """Reads a store: a main file with any committed parts beside it, or a shard index.
+
+    Cheap to build and to pickle; files open on first access in each process (DataLoader
+    workers), so a Store made in the parent can be handed to spawned or forked workers.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise ValueError(f"{self.path} is a directory, not a store file")
+        if not self.path.is_file() and not _parts_dir(self.path).is_dir():
+            raise FileNotFoundError(f"{self.path}: no such store")
+        self._catalogue: dict[str, Path] | None = None  # video id -> file holding /videos/<id>
+        self._root: dict = {}
+        self._files: list[Path] = []  # every file the store is made of, for validate/disk_bytes
+        self._problems: list[str] = []  # found while cataloguing
+        self._codecs: dict[str, tuple[str, float]] = {}  # video id -> (flow codec, bound)
+        self._handles: OrderedDict[Path, h5py.File] = OrderedDict()
+        self._pid = os.getpid()
+
+    # -- process-local state
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = OrderedDict()  # h5py handles never cross a process boundary
+        return state
+
+    def _file(self, path: Path) -> h5py.File:
+        if self._pid != os.getpid():
+            # Handles inherited through fork are not safe to use; drop them without closing.
+            self._handles = OrderedDict()
+            self._pid = os.getpid()
+        handle = self._handles.get(path)
+        if handle is not None and handle.id.valid:
+            self._handles.move_to_end(path)
+            return handle
+        handle = h5py.File(path, "r")
+        self._handles[path] = handle
+        while len(self._handles) > _MAX_OPEN_FILES:
+            _, oldest = self._handles.popitem(last=False)
+            oldest.close()
+        return handle
+
+    def close(self) -> None:
+        """Close every open file in this process (the next access reopens)."""
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- catalogue
+
+    def _open_store_file(self, path: Path) -> h5py.File:
+        try:
+            return self._file(path)
+        except OSError as err:
+            raise ValueError(f"{path} is not a readable HDF5 store ({err})") from None
+
+    def _scan(self) -> dict[str, Path]:
+        if self._catalogue is not None:
+            return self._catalogue
+        catalogue: dict[str, Path] = {}
+        files: list[Path] = []
+        problems: list[str] = []
+        mains = [self.path]
+        if self.path.is_file():
+            f = self._open_store_file(self.path)
+            self._root = _get_attrs(f)
+            if self._root.get("store_kind") == "index":
+                files.append(self.path)
+                mains = [(self.path.parent / s) for s in self._root.get("shards", [])]
+        for main in mains:
+            shard: dict[str, Path] = {}
+            if main.is_file():
+                files.append(main)
+                f = self._open_store_file(main)
+                shard.update(dict.fromkeys(f["videos"].keys() if "videos" in f else (), main))
+            elif main != self.path:
+                problems.append(f"{main}: shard file missing")
+            parts = _committed_parts(_parts_dir(main))
+            shard.update(parts)  # a part duplicating main is the same video, mid-finalize
+            files.extend(parts.values())
+            for video_id, where in shard.items():
+                if video_id in catalogue:
+                    problems.append(f"{video_id}: in both {catalogue[video_id]} and {where}")
+                    continue
+                catalogue[video_id] = where
+        self._files, self._problems = files, problems
+        self._catalogue = dict(sorted(catalogue.items()))
+        return self._catalogue
+
+    def _group(self, video_id: str) -> h5py.Group:
+        where = self._scan().get(video_id)
+        if where is None:
+            raise MissingVideoError(f"video {video_id!r} is not in {self.path}")
+        try:
+            return self._file(where)["videos"][video_id]
+        except FileNotFoundError:
+            # A writer finalized since we looked: its parts are now inside a new main file, and
+            # an open handle would still show the old one.
+            self.close()
+            self._catalogue = None
+            self._codecs.clear()
+            where = self._scan().get(video_id)
+            if where is None:
+                raise MissingVideoError(f"video {video_id!r} is not in {self.path}") from None
+            return self._file(where)["videos"][video_id]
+
+    @property
+    def video_ids(self) -> list[str]:
+        return list(self._scan())
+
+    def __len__(self) -> int:
+        return len(self._scan())
+
+    def __contains__(self, video_id: object) -> bool:
+        return video_id in self._scan()
+
+    @property
+    def root_attrs(self) -> dict:
+        self._scan()
+        return dict(self._root)
+
+    def attrs(self, video_id: str) -> dict:
+        return _get_attrs(self._group(video_id))
+
+    def label(self, video_id: str) -> int:
+        return int(self._group(video_id).attrs["label"])
+
+    def num_frames(self, video_id: str) -> int:
+        return int(self._group(video_id)["rgb"].shape[0])
+
+    # -- data
+
+    def rgb(self, video_id: str, index: object = slice(None)) -> np.ndarray:
+        """Frames of a video. Shape: (t, H, W, 3) uint8 ((H, W, 3) for an int index)."""
+        rows, scalar = _read_rows(self._group(video_id)["rgb"], index)
+        return rows[0] if scalar else rows  # type: ignore[index]
+
+    def flow(self, video_id: str, index: object = slice(None)) -> np.ndarray:
+        """Decoded flow fields of a video. Shape: (t, H, W, 2) float32 px ((H, W, 2) for an int)."""
+        group = self._group(video_id)
+        rows, scalar = _read_rows(group["flow"], index)
+        if len(rows) == 0:  # type: ignore[arg-type]
+            _, h, w, _ = group["rgb"].shape
+            return np.zeros((0, h, w, 2), np.float32)
+        codec = self._codecs.get(video_id)
+        if codec is None:  # attribute reads cost more than decoding a field; read them once
+            codec = self._codecs[video_id] = (
+                _plain(group.attrs["flow_codec"]),
+                float(group.attrs["flow_bound"]),
+            )
+        fields = decode(rows, *codec)
+        return fields[0] if scalar else fields
+
+    # -- checks and sizes
+
+    def validate(self) -> list[str]:
+        """Human-readable problems, empty when every video reads back whole and consistent."""
+        try:
+            catalogue = self._scan()
+        except (OSError, ValueError, KeyError) as err:
+            return [f"{self.path}: cannot open ({err})"]
+        problems = list(self._problems)
+        for path in self._files:
+            try:
+                version = self._file(path).attrs.get("schema_version")
+            except OSError as err:
+                problems.append(f"{path}: unreadable ({err})")
+                continue
+            if version != SCHEMA_VERSION:
+                problems.append(f"{path}: schema version {version}, expected {SCHEMA_VERSION}")
+        for video_id in catalogue:
+            try:
+                problems.extend(f"{video_id}: {p}" for p in self._check_video(video_id))
+            except Exception as err:  # any failure to read is a finding, not a crash
+                problems.append(f"{video_id}: unreadable ({type(err).__name__}: {err})")
+        return problems
+
+    def _check_video(self, video_id: str) -> list[str]:
+        group = self._group(video_id)
+        attrs = _get_attrs(group)
+        problems = [f"missing attr {k!r}" for k in REQUIRED_ATTRS + STORE_ATTRS if k not in attrs]
+        if "rgb" not in group or "flow" not in group:
+            return problems + ["missing rgb or flow dataset"]
+        rgb, flow = group["rgb"], group["flow"]
+        if rgb.ndim != 4 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
+            return problems + [f"rgb is {rgb.shape} {rgb.dtype}, expected (T, H, W, 3) uint8"]
+        t, h, w, _ = rgb.shape
+        if t < 2:
+            problems.append(f"{t} frames, expected at least 2")
+        if flow.shape[0] != t - 1:
+            problems.append(f"{flow.shape[0]} flow fields for {t} frames, expected {t - 1}")
+        if "num_frames" in attrs and attrs["num_frames"] != t:
+            problems.append(f"attr num_frames={attrs['num_frames']} but rgb holds {t} frames")
+        for start in range(0, t, 16):  # read everything: corrupt chunks only show when decoded
+            rgb[start : start + 16]
+        if "flow_codec" in attrs and "flow_bound" in attrs:
+            get_codec(attrs["flow_codec"])
+            for start in range(0, flow.shape[0], 16):
+                fields = self.flow(video_id, slice(start, start + 16))
+                if fields.shape[1:] != (h, w, 2):
+                    problems.append(f"flow decodes to {fields.shape[1:]}, expected {(h, w, 2)}")
+                    break
+                if not np.isfinite(fields).all():
+                    problems.append("flow holds NaN or infinite values")
+                    break
+        return problems
+
+    def disk_bytes(self) -> int:
+        """Bytes on disk of every file the store is made of."""
+        self._scan()
+        return sum(p.stat().st_size for p in self._files if p.exists())
+
+    def flow_bytes_per_field(self) -> float:
+        """Mean stored bytes per flow field (encoded payloads plus HDF5 chunk storage)."""
+        nbytes = fields = 0
+        for video_id in self._scan():
+            group = self._group(video_id)
+            nbytes += int(group.attrs.get("flow_nbytes", 0))
+            fields += int(group["flow"].shape[0])
+        return nbytes / fields if fields else 0.0
+
+
+# --- shards ------------------------------------------------------------------------------------
+
+
+def _same_source(a: dict, b: dict) -> bool:
+    return a.get("source_path") == b.get("source_path") and a.get("label") == b.get("label")
+
+
+def _pick_videos(stores: Sequence[Store]) -> dict[str, Store]:
+    """Which store each video comes from; a duplicate id is fine only with an identical source."""
+    chosen: dict[str, Store] = {}
+    for store in stores:
+        for video_id in store.video_ids:
+            first = chosen.get(video_id)
+            if first is None:
+                chosen[video_id] = store
+            elif _same_source(first.attrs(video_id), store.attrs(video_id)):
+                logger.info(
+                    "%s is in %s and %s; keeping the first", video_id, first.path, store.path
+                )
+            else:
+                raise ValueError(
+                    f"video {video_id!r} is in {first.path} and {store.path} with different sources"
+                )
+    return chosen
+
+
+def _common_root(stores: Iterable[Store]) -> dict:
+    roots = [s.root_attrs for s in stores]
+    keys = set(roots[0]).intersection(*roots[1:]) if roots else set()
+    skip = {"schema_version", "store_kind", "shards", "created_at", "finalized_at"}
+    return {k: roots[0][k] for k in sorted(keys - skip) if all(r[k] == roots[0][k] for r in roots)}
+
+
+def _check_output(inputs: Sequence[Path], output: Path, overwrite: bool) -> None:
+    if not inputs:
+        raise ValueError("nothing to join: no input stores given")
+    if output.resolve() in {p.resolve() for p in inputs}:
+        raise ValueError(f"output {output} is also an input")
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"{output.parent}: no such directory for the output")
+    if not overwrite and (output.exists() or _parts_dir(output).exists()):
+        raise ValueError(f"{output} already exists (choose another path or overwrite)")
+
+
+def _clear_parts(output: Path) -> None:
+    # Parts of an older store of this name would otherwise be read as part of the new one.
+    parts = _parts_dir(output)
+    if parts.is_dir():
+        for p in parts.iterdir():
+            _unlink(p)
+        parts.rmdir()
+
+
+def merge(inputs: Sequence[str | Path], output: str | Path, *, overwrite: bool = False) -> Path:
+    """Copy shard stores into one store file (written aside, then renamed into place)."""
+    inputs = [Path(p) for p in inputs]
+    output = Path(output)
+    _check_output(inputs, output, overwrite)
+    stores = [Store(p) for p in inputs]
+    try:
+        chosen = _pick_videos(stores)
+        tmp = _tmp_path(output)
+        with h5py.File(tmp, "w") as out:
+            videos = out.create_group("videos")
+            for video_id, store in chosen.items():
+                videos.copy(store._group(video_id), videos, name=video_id)
+            root = _common_root(stores)
+            root.update(
+                schema_version=SCHEMA_VERSION,
+                created_at=_now(),
+                created_with=_created_with(),
+                merged_from=[p.name for p in inputs],
+            )
+            _put_attrs(out, root)
+    finally:
+        for store in stores:
+            store.close()
+    _clear_parts(output)
+    _commit(tmp, output)
+    logger.info("merged %d stores into %s: %d videos", len(inputs), output, len(chosen))
+    return output
+
+
+def write_index(
+    shards: Sequence[str | Path], output: str | Path, *, overwrite: bool = False
+) -> Path:
+    """Join shard stores without copying: a small index file that `Store` opens like a store."""
+    shards = [Path(p) for p in shards]
+    output = Path(output)
+    _check_output(shards, output, overwrite)
+    stores = [Store(p) for p in shards]
+    try:
+        if any(s.root_attrs.get("store_kind") == "index" for s in stores):
+            raise ValueError("an index can join store files only, not other indexes")
+        chosen = _pick_videos(stores)
+        if len(chosen) < sum(len(s) for s in stores):
+            raise ValueError("shards share video ids; merge them into one file instead")
+        root = _common_root(stores)
+    finally:
+        for store in stores:
+            store.close()
+    root.update(
+        schema_version=SCHEMA_VERSION,
+        store_kind="index",
+        shards=[os.path.relpath(p.resolve(), output.parent.resolve()) for p in shards],
+        created_at=_now(),
+        created_with=_created_with(),
+    )
+    tmp = _tmp_path(output)
+    with h5py.File(tmp, "w") as out:
+        _put_attrs(out, root)
+    _clear_parts(output)
+    _commit(tmp, output)
+    return output
