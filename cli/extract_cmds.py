@@ -7,7 +7,14 @@ from enum import Enum
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from cli.console import err, out, table
 from cli.errors import fail, user_errors
@@ -27,6 +34,14 @@ class Backend(str, Enum):
 class FlowDtype(str, Enum):
     uint8 = "uint8"
     float16 = "float16"
+
+
+class FlowCodec(str, Enum):
+    qwebp = "qwebp"
+    qwebp_fine = "qwebp-fine"
+    uint8 = "uint8"
+    float16 = "float16"
+    jpeg = "jpeg"
 
 
 def register(app: typer.Typer) -> None:
@@ -58,7 +73,8 @@ def extract(
     short_side: int | None = typer.Option(None, help="Resize the short side to this, keeping the aspect (instead of --size)."),
     fps: float | None = typer.Option(None, help="Sample at this frame rate (same time step across sources)."),
     frames: int | None = typer.Option(None, help="Sample N frames spread uniformly."),
-    flow_dtype: FlowDtype = typer.Option(FlowDtype.uint8, help="uint8 (quantised with --bound; compact codec) or float16."),
+    flow_codec: FlowCodec = typer.Option(FlowCodec.qwebp, help="Stored form of the flow: qwebp (0.25 px steps, lossless WebP; smallest), qwebp-fine, uint8 (TSN quantisation with --bound, gzip), float16, jpeg (denseflow's pair)."),
+    flow_dtype: FlowDtype | None = typer.Option(None, help="Shorthand: uint8 = --flow-codec uint8, float16 = --flow-codec float16."),
     bound: float = typer.Option(20.0, help="Quantisation bound in pixels for uint8 flow (TSN: 20)."),
     workers: int = typer.Option(0, help="Decoding processes (0: one per core)."),
     shard: str | None = typer.Option(None, help="i/n: extract the i-th of n disjoint slices into its own file."),
@@ -79,7 +95,7 @@ def extract(
         raise FileNotFoundError(f"manifest {manifest} does not exist")
     rows = read_manifest(manifest)
     sampling = Sampling(fps=fps, frames=frames, size=size or None, short_side=short_side)
-    codec = "float16" if flow_dtype is FlowDtype.float16 else None
+    codec = flow_dtype.value if flow_dtype is not None else flow_codec.value
     cfg = ExtractConfig(method=method.value, backend=backend.value, device=device, sampling=sampling,
                         flow_codec=codec, bound=bound, workers=workers, shard=parse_shard(shard))
     with Progress(

@@ -4,7 +4,6 @@ write each finished video into the crash-safe store, and record the videos that 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import logging
 import os
 import queue
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.flowcodec import DEFAULT_CODEC
 from data.manifest import ManifestRow
 from data.sampling import Sampling
 from data.store import Store, StoreWriter, shard_path
@@ -177,7 +177,7 @@ def _root_attrs(cfg: ExtractConfig, estimator: FlowEstimator, codec: str | None)
         "flow_params": repr(sorted(estimator.params.items())),
         "flow_backend": estimator.backend,
         "sampling": repr(sorted(cfg.sampling.to_attrs().items())),
-        "flow_codec": codec or "default",
+        "flow_codec": codec or DEFAULT_CODEC,
         "flow_bound": float(cfg.bound),
     }
 
@@ -329,6 +329,3 @@ def _write_failures(store: Path, failures: list[Failure]) -> Path | None:
     os.replace(tmp, path)
     return path
 
-
-def config_with(cfg: ExtractConfig, **changes) -> ExtractConfig:
-    return dataclasses.replace(cfg, **changes)
