@@ -1,15 +1,17 @@
 """Farneback (2003) dense optical flow, batched over pairs, as OpenCV's calcOpticalFlowFarneback computes it.
 
 G. Farneback, "Two-Frame Motion Estimation Based on Polynomial Expansion", SCIA 2003. Each image is
-locally approximated by f(p) ~ p^T A p + b^T p + c (polynomial expansion, separable Gaussian-weighted
-convolutions). For a displacement d, A1 d = -(b2 - b1) / 2 (eq. 7); averaging the equation over a
-window and iterating over a pyramid gives the flow. Every step follows OpenCV's optflowgf.cpp (level
-count, pre-smoothing, border weights, regularised 2x2 solve), so the same parameters give the same
-flow up to float rounding.
+locally approximated by f(p) ~ p^T A p + b^T p + c (polynomial expansion: separable Gaussian-weighted
+correlations). A displacement d between the two frames satisfies A d = -(b2 - b1) / 2 (eq. 7);
+averaging over a window and iterating over a pyramid gives the flow. Each step follows OpenCV's
+optflowgf.cpp (level count, pre-smoothing, border weights, regularised 2x2 solve), so the same
+parameters give the same flow up to float rounding. All work is elementwise ops, shifted-slice
+sums and one grid_sample per iteration over the whole batch, on any device.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -22,18 +24,22 @@ _MIN_LEVEL_SIZE = 32  # OpenCV stops the pyramid before a level whose side would
 # OpenCV down-weights the equations of the five pixels nearest each image edge (0 = the edge pixel).
 _BORDER_WEIGHTS = (0.14, 0.14, 0.4472, 0.4472, 0.4472)
 _DET_EPS = 1e-3  # OpenCV's regulariser of det(G) in the 2x2 solve
+_FLT_EPSILON = 1.1920929e-07
+_CPU_CHUNK_PIXELS = 1 << 17  # pixels per pass on a CPU (two 224x224 pairs)
 
 
 @dataclass(frozen=True)
 class FarnebackParams:
-    """cv2.calcOpticalFlowFarneback's parameters; defaults are the set OpenCV's own samples use."""
+    """cv2.calcOpticalFlowFarneback's parameters; defaults are the set OpenCV's samples and tutorial use."""
 
     pyr_scale: float = 0.5  # image scale between pyramid levels, in (0, 1)
     levels: int = 3  # pyramid levels above the full image (fewer when a level would be < 32 px)
-    winsize: int = 15  # averaging window (box, or Gaussian with flags=256); larger = smoother, more robust
+    winsize: int = 15  # averaging window side; larger = smoother and more robust to noise
     iterations: int = 3  # displacement updates per pyramid level
     poly_n: int = 5  # radius of the polynomial-expansion neighbourhood (OpenCV uses 5 or 7)
-    poly_sigma: float = 1.2  # Gaussian std of the expansion weights (1.1 for poly_n=5, 1.5 for 7)
+    poly_sigma: float = (
+        1.2  # Gaussian std of the expansion weights (1.1 suits poly_n=5, 1.5 poly_n=7)
+    )
     flags: int = 0  # 256 = OPTFLOW_FARNEBACK_GAUSSIAN: Gaussian instead of box window
 
     def __post_init__(self):
@@ -50,7 +56,9 @@ class FarnebackParams:
         if self.poly_sigma < 0:
             raise ValueError(f"poly_sigma must be >= 0, got {self.poly_sigma}")
         if self.flags not in (0, OPTFLOW_FARNEBACK_GAUSSIAN):
-            raise ValueError(f"flags must be 0 or 256 (OPTFLOW_FARNEBACK_GAUSSIAN), got {self.flags}")
+            raise ValueError(
+                f"flags must be 0 or 256 (OPTFLOW_FARNEBACK_GAUSSIAN), got {self.flags}"
+            )
 
 
 def farneback(prev: Tensor, nxt: Tensor, params: FarnebackParams = FarnebackParams()) -> Tensor:
@@ -58,28 +66,45 @@ def farneback(prev: Tensor, nxt: Tensor, params: FarnebackParams = FarnebackPara
 
     Shape:
         prev, nxt (N, H, W) grey levels in [0, 255] -> (N, H, W, 2) pixels, 0 = dx (right), 1 = dy (down).
-    Device follows the input; floating dtypes are kept (half precision is computed in float32, whose
-    range the squared coefficients need), integer images give float32.
+    Device follows the input; float32 and float64 are kept, other dtypes are computed in float32
+    (squared coefficients overflow half precision) and floating ones cast back.
     """
     _check_pair(prev, nxt)
     out_dtype = prev.dtype if prev.is_floating_point() else torch.float32
     work = out_dtype if out_dtype in (torch.float32, torch.float64) else torch.float32
-    images = torch.cat([prev, nxt]).to(work).unsqueeze(1)  # (2N, 1, H, W): both frames share each op
-    n, (height, width) = prev.shape[0], prev.shape[1:]
-    levels = _level_count(height, width, params)
-    flow = None
-    for k in range(levels, -1, -1):
-        scale = params.pyr_scale**k
-        size = (round(height * scale), round(width * scale))  # cvRound: half to even, like round()
-        level = _pyramid_level(images, scale, size)
-        coeffs = polynomial_expansion(level.squeeze(1), params.poly_n, params.poly_sigma)
-        r0, r1 = coeffs[:n], coeffs[n:]
-        if flow is None:
-            flow = r0.new_zeros(n, 2, *size)  # (N, 2, h, w)
-        else:
-            flow = F.interpolate(flow, size=size, mode="bilinear", align_corners=False) / params.pyr_scale
-        flow = _refine(r0, r1, flow, params)
+    n, height, width = prev.shape
+    # On a CPU every op streams its operands through the caches: a few pairs per pass keep them
+    # there (a whole batch of 8 at 224x224 in one pass ran ~1.4x slower per pair than 2 at a time).
+    chunk = n if prev.device.type != "cpu" else max(1, _CPU_CHUNK_PIXELS // (height * width))
+    flows = [
+        _farneback_batch(prev[i : i + chunk].to(work), nxt[i : i + chunk].to(work), params)
+        for i in range(0, n, chunk)
+    ]
+    flow = flows[0] if len(flows) == 1 else torch.cat(flows)
     return flow.permute(0, 2, 3, 1).contiguous().to(out_dtype)
+
+
+def _farneback_batch(prev: Tensor, nxt: Tensor, params: FarnebackParams) -> Tensor:
+    """The whole pyramid for one batch. Shape: prev, nxt (N, H, W) -> (N, 2, H, W)."""
+    images = torch.cat([prev, nxt]).unsqueeze(1)  # (2N, 1, H, W): both frames share each op
+    n, (height, width) = prev.shape[0], prev.shape[1:]
+    flow = None
+    for k in range(_level_count(height, width, params), -1, -1):
+        scale = 1.0
+        for _ in range(k):  # repeated products, not pyr_scale**k, to round exactly as OpenCV does
+            scale *= params.pyr_scale
+        size = (round(height * scale), round(width * scale))  # cvRound: half to even, like round()
+        coeffs = polynomial_expansion(
+            _pyramid_level(images, scale, size)[:, 0], params.poly_n, params.poly_sigma
+        )
+        if flow is None:
+            flow = coeffs.new_zeros(n, 2, *size)  # (N, 2, h, w)
+        else:
+            flow = F.interpolate(flow, size=size, mode="bilinear", align_corners=False).div_(
+                params.pyr_scale
+            )
+        flow = _refine(coeffs[:n], coeffs[n:], flow, params)
+    return flow
 
 
 class Farneback:
@@ -98,32 +123,52 @@ class Farneback:
 def polynomial_expansion(img: Tensor, poly_n: int = 5, poly_sigma: float = 1.2) -> Tensor:
     """Per-pixel quadratic fit f(x0 + u, y0 + v) ~ c + rx u + ry v + rxx u^2 + ryy v^2 + rxy u v.
 
-    The Gaussian-weighted least-squares fit of the paper (section 3) reduces to six separable
-    correlations, recombined through the inverse Gram matrix; image borders are replicated.
-    In the paper's notation A = [[rxx, rxy / 2], [rxy / 2, ryy]] and b = (rx, ry).
+    The Gaussian-weighted least-squares fit of the paper (section 3) reduces to separable
+    correlations recombined through the inverse Gram matrix (OpenCV's FarnebackPolyExp); borders
+    are replicated. In the paper's notation A = [[rxx, rxy / 2], [rxy / 2, ryy]] and b = (rx, ry).
 
     Shape:
         img (N, H, W) -> (N, 5, H, W) channels (rx, ry, rxx, ryy, rxy).
     """
-    g, xg, xxg, ig11, ig03, ig33, ig55 = _poly_kernels(poly_n, poly_sigma)
-    taps = lambda k: torch.tensor(k, dtype=img.dtype, device=img.device)  # noqa: E731
-    g, xg, xxg = taps(g), taps(xg), taps(xxg)
-    size = 2 * poly_n + 1
-    # Vertical pass: zeroth, first and second moments along y.
-    vert = torch.stack([g, xg, xxg]).view(3, 1, size, 1)
-    cols = F.conv2d(_pad_replicate(img.unsqueeze(1), 0, poly_n), vert)  # (N, 3, H, W)
-    # Horizontal pass fused with the inverse Gram matrix: output channel <- sum over the 3 moments.
-    zero = torch.zeros_like(g)
-    horiz = torch.stack(
-        [
-            torch.stack([ig11 * xg, zero, zero]),  # rx  <- x-moment of the y-average
-            torch.stack([zero, ig11 * g, zero]),  # ry  <- y-moment
-            torch.stack([ig03 * g + ig33 * xxg, zero, zero]),  # rxx <- 1 and x^2 moments
-            torch.stack([ig03 * g, zero, ig33 * g]),  # ryy <- 1 and y^2 moments
-            torch.stack([zero, ig55 * xg, zero]),  # rxy <- xy moment
-        ]
-    ).view(5, 3, 1, size)
-    return F.conv2d(_pad_replicate(cols, poly_n, 0), horiz)
+    g, xg, cg, ig11, ig33, ig55 = _poly_kernels(poly_n, poly_sigma)
+    n = poly_n
+    height, width = img.shape[-2:]
+    # Vertical pass: per column, the moments under weights g, y g and (y^2 - m2) g, pairing the
+    # rows at +-k since the weights are even or odd.
+    src = _pad_replicate(img.unsqueeze(1), 0, n)[:, 0]  # (N, H + 2n, W)
+    mom = src.new_empty(src.shape[0], 3, height, width)  # (N, 3, H, W)
+    v0, v1, v2 = mom.unbind(1)
+    centre = src[:, n : n + height]
+    torch.mul(centre, g[n], out=v0)
+    v1.zero_()
+    torch.mul(centre, cg[n], out=v2)
+    for k in range(1, n + 1):
+        up, down = src[:, n - k : n - k + height], src[:, n + k : n + k + height]
+        pair = up + down
+        v0.add_(pair, alpha=g[n + k])
+        v2.add_(pair, alpha=cg[n + k])
+        v1.add_(down - up, alpha=xg[n + k])
+    # Horizontal pass fused with the inverse Gram matrix, whose 1 - x^2 - y^2 block is folded into
+    # the zero-sum weights cg. (Single-plane in-place updates beat stacked ones on the CPU.)
+    mom = _pad_replicate(mom, n, 0)  # (N, 3, H, W + 2n)
+    out = src.new_empty(src.shape[0], 5, height, width)
+    rx, ry, rxx, ryy, rxy = out.unbind(1)
+    c0, c1, c2 = mom[..., n : n + width].unbind(1)
+    rx.zero_()
+    rxy.zero_()
+    torch.mul(c1, ig11 * g[n], out=ry)
+    torch.mul(c0, ig33 * cg[n], out=rxx)
+    torch.mul(c2, ig33 * g[n], out=ryy)
+    for k in range(1, n + 1):
+        left, right = mom[..., n - k : n - k + width], mom[..., n + k : n + k + width]
+        pair = left + right  # (N, 3, H, W)
+        diff = right[:, :2] - left[:, :2]
+        rx.add_(diff[:, 0], alpha=ig11 * xg[n + k])
+        ry.add_(pair[:, 1], alpha=ig11 * g[n + k])
+        rxx.add_(pair[:, 0], alpha=ig33 * cg[n + k])
+        ryy.add_(pair[:, 2], alpha=ig33 * g[n + k])
+        rxy.add_(diff[:, 1], alpha=ig55 * xg[n + k])
+    return out
 
 
 def _refine(r0: Tensor, r1: Tensor, flow: Tensor, params: FarnebackParams) -> Tensor:
@@ -133,69 +178,123 @@ def _refine(r0: Tensor, r1: Tensor, flow: Tensor, params: FarnebackParams) -> Te
         r0, r1 (N, 5, h, w); flow (N, 2, h, w) -> (N, 2, h, w).
     """
     height, width = flow.shape[-2:]
-    weight2 = _border_weight(height, width, flow) ** 2  # (h, w), scales the quadratic terms of M
+    like = dict(dtype=flow.dtype, device=flow.device)
+    # Halve once per level the coefficients that enter A and delta b as means or halves (paper
+    # eqs. 9-10); A's off-diagonal entry is half of rxy.
+    half = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.25], **like).view(1, 5, 1, 1)
+    r0h, r1h = r0 * half, r1 * half
+    fallback = r0h.clone()  # where x + d leaves the image OpenCV uses A1 alone and b2 = 0
+    fallback[:, :2] = 0
+    ys, xs = torch.arange(height, **like), torch.arange(width, **like)
+    base = torch.stack(torch.meshgrid(xs, ys, indexing="xy")).unsqueeze(0)  # (1, 2, h, w) x, y
+    top = torch.tensor([width - 1, height - 1], **like).view(1, 2, 1, 1)
+    to_unit = 2.0 / torch.tensor([max(width - 1, 1), max(height - 1, 1)], **like).view(1, 2, 1, 1)
+    base_unit = base * to_unit - 1  # grid_sample's [-1, 1] coordinates
+    weight2 = _border_weight(height, width, flow) ** 2  # (h, w)
     radius = params.winsize // 2
     if params.flags & OPTFLOW_FARNEBACK_GAUSSIAN:
         sigma = radius * 0.3
-        taps = [math.exp(-(i * i) / (2 * sigma * sigma)) if i else 1.0 for i in range(-radius, radius + 1)]
-        total = sum(taps)
-        window = [t / total for t in taps]
+        taps = [math.exp(-(i * i) / (2 * sigma * sigma)) if i else 1.0 for i in range(radius + 1)]
+        total = taps[0] + 2 * sum(taps[1:])
+        taps, eps = [t / total for t in taps], _DET_EPS
     else:
-        # OpenCV sums a (2 * radius + 1) box and divides by winsize^2 (equal unless winsize is even).
-        window = [1.0 / params.winsize] * (2 * radius + 1)
-    window = torch.tensor(window, dtype=flow.dtype, device=flow.device)
-    grid = _base_grid(height, width, flow)
-    m = _update_matrices(r0, r1, flow, grid, weight2)
+        # Plain window sums; OpenCV's 1 / winsize^2 normalisation only rescales the regulariser.
+        taps, eps = None, _DET_EPS * float(params.winsize) ** 4
+    # M lives in the centre of a replicate-padded buffer so the window sums need no extra copy.
+    m_pad = flow.new_empty(flow.shape[0], 5, height + 2 * radius, width + 2 * radius)
+    m = m_pad[..., radius : radius + height, radius : radius + width]  # (gxx, gyy, hx, hy, gxy)
+
+    def update_matrices(flow: Tensor) -> None:
+        """G = A^T A and h = A^T delta b per pixel into m, with A = (A1(x) + A2(x + d)) / 2 and
+        delta b = -(b2(x + d) - b1(x)) / 2 + A d (paper eqs. 9-10, 12-13)."""
+        pos = flow + base  # (N, 2, h, w) where each pixel lands in the second image
+        # OpenCV samples R1 bilinearly only where all four neighbours are inside.
+        ok = (pos >= 0) & (pos < top)
+        inside = (ok[:, 0] & ok[:, 1]).unsqueeze(1)  # (N, 1, h, w)
+        grid = torch.addcmul(base_unit, flow, to_unit).permute(0, 2, 3, 1)  # (N, h, w, 2)
+        r1w = F.grid_sample(r1h, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        t = torch.where(inside, r1w, fallback)  # (N, 5, h, w) -> (db, A) in place
+        torch.sub(r0h[:, :2], t[:, :2], out=t[:, :2])
+        t[:, 2:].add_(r0h[:, 2:])
+        dbx, dby, axx, ayy, axy = t.unbind(1)
+        dx, dy = flow.unbind(1)
+        bx = torch.addcmul(dbx, axx, dx).addcmul_(axy, dy)  # delta b = db + A d
+        by = torch.addcmul(dby, ayy, dy).addcmul_(axy, dx)
+        gxx, gyy, hx, hy, gxy = m.unbind(1)
+        off2 = axy * axy
+        torch.addcmul(off2, axx, axx, out=gxx)
+        torch.addcmul(off2, ayy, ayy, out=gyy)
+        torch.mul(axx, bx, out=hx).addcmul_(axy, by)
+        torch.mul(ayy, by, out=hy).addcmul_(axy, bx)
+        torch.add(axx, ayy, out=gxy).mul_(axy)
+        m.mul_(weight2)
+        _fill_replicate_border(m_pad, radius)
+
+    update_matrices(flow)
     for i in range(params.iterations):
-        g = _blur(m, window)
-        gxx, gxy, gyy, hx, hy = g.unbind(1)
-        idet = 1.0 / (gxx * gyy - gxy * gxy + _DET_EPS)
-        # Least-squares d = G^-1 h of the windowed equations A d = delta b (paper eq. 13).
-        flow = torch.stack([(gyy * hx - gxy * hy) * idet, (gxx * hy - gxy * hx) * idet], 1)
+        gxx, gyy, hx, hy, gxy = _window_sum(m_pad, radius, taps).unbind(1)
+        det = (gxx * gyy).addcmul_(gxy, gxy, value=-1).add_(eps)
+        # d = G^-1 h, the least-squares solution of the windowed equations (paper eq. 13).
+        flow = torch.empty_like(flow)
+        torch.mul(gyy, hx, out=flow[:, 0]).addcmul_(gxy, hy, value=-1).div_(det)
+        torch.mul(gxx, hy, out=flow[:, 1]).addcmul_(gxy, hx, value=-1).div_(det)
         if i < params.iterations - 1:
-            m = _update_matrices(r0, r1, flow, grid, weight2)
+            update_matrices(flow)
     return flow
 
 
-def _update_matrices(r0: Tensor, r1: Tensor, flow: Tensor, grid: Tensor, weight2: Tensor) -> Tensor:
-    """The windowable terms (G = A^T A, h = A^T delta b) of each pixel's equation A d = delta b.
+def _fill_replicate_border(x: Tensor, pad: int) -> None:
+    """Fill the `pad`-wide frame of (N, C, H, W) in place by replicating the centre's edges."""
+    if pad == 0:
+        return
+    x[..., :pad, pad:-pad] = x[..., pad : pad + 1, pad:-pad]
+    x[..., -pad:, pad:-pad] = x[..., -pad - 1 : -pad, pad:-pad]
+    x[..., :pad] = x[..., pad : pad + 1]
+    x[..., -pad:] = x[..., -pad - 1 : -pad]
 
-    With the current flow d~, A = (A1(x) + A2(x + d~)) / 2 and delta b = -(b2(x + d~) - b1(x)) / 2 + A d~
-    (paper eqs. 9-10). Where x + d~ leaves the image (bilinear corners not all inside), OpenCV
-    uses A1 alone and b2 = 0.
+
+def _window_sum(xp: Tensor, radius: int, taps: list[float] | None) -> Tensor:
+    """Separable (2 radius + 1)^2 window over a tensor padded by `radius` on each side.
+
+    taps None is a plain box sum (binary doubling: about 2 log2(size) additions per axis);
+    otherwise symmetric 1-D weights taps[0..radius].
 
     Shape:
-        r0, r1 (N, 5, h, w); flow (N, 2, h, w); grid (1, h, w, 2); weight2 (h, w) -> (N, 5, h, w).
+        xp (N, C, h + 2 radius, w + 2 radius) -> (N, C, h, w).
     """
-    height, width = flow.shape[-2:]
-    pos = grid + flow.permute(0, 2, 3, 1)  # (N, h, w, 2) pixel coordinates of x + d~
-    corner = pos.floor()
-    valid = (corner[..., 0] >= 0) & (corner[..., 0] < width - 1) & (corner[..., 1] >= 0) & (corner[..., 1] < height - 1)
-    norm = pos / torch.tensor([max(width - 1, 1), max(height - 1, 1)], dtype=pos.dtype, device=pos.device) * 2 - 1
-    r1w = F.grid_sample(r1, norm, mode="bilinear", padding_mode="zeros", align_corners=True)  # (N, 5, h, w)
-    valid = valid.unsqueeze(1)
-    b2 = torch.where(valid, r1w[:, :2], 0.0)
-    a2 = torch.where(valid, r1w[:, 2:], r0[:, 2:])
-    a = (r0[:, 2:] + a2) * torch.tensor([0.5, 0.5, 0.25], dtype=r0.dtype, device=r0.device).view(1, 3, 1, 1)
-    axx, ayy, axy = a.unbind(1)  # axy is A's off-diagonal entry, half the rxy coefficient
-    dx, dy = flow.unbind(1)
-    db = (r0[:, :2] - b2) * 0.5
-    bx = db[:, 0] + axx * dx + axy * dy
-    by = db[:, 1] + axy * dx + ayy * dy
-    terms = torch.stack(
-        [axx * axx + axy * axy, (axx + ayy) * axy, ayy * ayy + axy * axy, axx * bx + axy * by, axy * bx + ayy * by], 1
-    )
-    return terms * weight2
+    x = xp
+    for dim in (2, 3):
+        size = x.shape[dim] - 2 * radius
+        if taps is None:
+            x = _box_sum(x, 2 * radius + 1, dim, size)
+        else:
+            out = x.narrow(dim, radius, size) * taps[0]
+            for i in range(1, radius + 1):
+                out.add_(
+                    x.narrow(dim, radius - i, size) + x.narrow(dim, radius + i, size), alpha=taps[i]
+                )
+            x = out
+    return x
 
 
-def _blur(m: Tensor, window: Tensor) -> Tensor:
-    """Separable window sum of each channel with replicated borders. Shape: (N, C, h, w) -> same."""
-    n, c, height, width = m.shape
-    radius = (window.numel() - 1) // 2
-    flat = m.reshape(n * c, 1, height, width)
-    flat = F.conv2d(_pad_replicate(flat, 0, radius), window.view(1, 1, -1, 1))
-    flat = F.conv2d(_pad_replicate(flat, radius, 0), window.view(1, 1, 1, -1))
-    return flat.view(n, c, height, width)
+def _box_sum(x: Tensor, length: int, dim: int, size: int) -> Tensor:
+    """Sums of `length` consecutive entries along `dim`, where x has size + length - 1 entries there."""
+    if length == 1:
+        return x.clone()
+    parts, offset, span = [], 0, 1
+    block = x  # block[i] = sum of `span` consecutive entries from i
+    while span <= length:
+        if length & span:
+            parts.append(block.narrow(dim, offset, size))
+            offset += span
+        if span * 2 <= length:
+            cut = block.shape[dim] - span
+            block = block.narrow(dim, 0, cut) + block.narrow(dim, span, cut)
+        span *= 2
+    out = parts[0] + parts[1] if len(parts) > 1 else parts[0].clone()
+    for part in parts[2:]:
+        out.add_(part)
+    return out
 
 
 def _pyramid_level(images: Tensor, scale: float, size: tuple[int, int]) -> Tensor:
@@ -206,15 +305,23 @@ def _pyramid_level(images: Tensor, scale: float, size: tuple[int, int]) -> Tenso
     """
     sigma = (1.0 / scale - 1.0) * 0.5
     ksize = max(round(sigma * 5) | 1, 3)
-    kernel = torch.tensor(_gaussian_kernel(ksize, sigma), dtype=images.dtype, device=images.device)
-    blurred = _gaussian_blur_reflect101(images, kernel)
+    taps = _gaussian_kernel(ksize, sigma)
+    radius = ksize // 2
+    blurred = images
+    for dim in (2, 3):
+        length = blurred.shape[dim]
+        padded = _pad_reflect101(blurred, dim, radius)
+        blurred = padded.narrow(dim, radius, length) * taps[radius]
+        for i in range(1, radius + 1):
+            pair = padded.narrow(dim, radius - i, length) + padded.narrow(dim, radius + i, length)
+            blurred.add_(pair, alpha=taps[radius + i])
     if tuple(blurred.shape[-2:]) == size:
         return blurred
     return F.interpolate(blurred, size=size, mode="bilinear", align_corners=False, antialias=False)
 
 
 def _gaussian_kernel(ksize: int, sigma: float) -> list[float]:
-    """cv2.getGaussianKernel: fixed binomial taps for small sizes when sigma <= 0."""
+    """cv2.getGaussianKernel: the fixed binomial taps for size 3 when sigma <= 0."""
     if sigma <= 0 and ksize == 3:
         return [0.25, 0.5, 0.25]
     if sigma <= 0:
@@ -224,80 +331,71 @@ def _gaussian_kernel(ksize: int, sigma: float) -> list[float]:
     return [t / total for t in taps]
 
 
-def _gaussian_blur_reflect101(images: Tensor, kernel: Tensor) -> Tensor:
-    """Separable blur with OpenCV's default border (reflect without repeating the edge), any size."""
-    radius = (kernel.numel() - 1) // 2
-    height, width = images.shape[-2:]
-    rows = _reflect101_index(height, radius, images.device)
-    cols = _reflect101_index(width, radius, images.device)
-    out = F.conv2d(images.index_select(2, rows), kernel.view(1, 1, -1, 1))
-    return F.conv2d(out.index_select(3, cols), kernel.view(1, 1, 1, -1))
-
-
-def _reflect101_index(length: int, radius: int, device: torch.device) -> Tensor:
-    """Source indices of a reflect-101 padded axis: ... 2 1 | 0 1 2 ... L-1 | L-2 L-3 ..."""
-    idx = torch.arange(-radius, length + radius, device=device)
+def _pad_reflect101(x: Tensor, dim: int, pad: int) -> Tensor:
+    """Pad axis `dim` (2 or 3) of (B, C, H, W) by OpenCV's default border: ... 2 1 | 0 1 2 ... | L-2 L-3 ..."""
+    length = x.shape[dim]
+    if pad == 0:
+        return x
+    if pad < length:
+        return F.pad(x, (0, 0, pad, pad) if dim == 2 else (pad, pad, 0, 0), mode="reflect")
+    idx = torch.arange(
+        -pad, length + pad, device=x.device
+    )  # pads wider than the image fold repeatedly
     if length == 1:
-        return torch.zeros_like(idx)
+        return x.index_select(dim, torch.zeros_like(idx))
     period = 2 * (length - 1)
     idx = idx.abs() % period
-    return torch.where(idx >= length, period - idx, idx)
+    return x.index_select(dim, torch.where(idx >= length, period - idx, idx))
 
 
 def _pad_replicate(x: Tensor, pad_x: int, pad_y: int) -> Tensor:
-    """Replicate-pad the last two axes of a (B, C, H, W) tensor; any pad, any size."""
+    """Replicate-pad the last two axes of a (B, C, H, W) tensor."""
     if pad_x == 0 and pad_y == 0:
         return x
-    height, width = x.shape[-2:]
-    if pad_y:
-        rows = torch.arange(-pad_y, height + pad_y, device=x.device).clamp(0, height - 1)
-        x = x.index_select(2, rows)
-    if pad_x:
-        cols = torch.arange(-pad_x, width + pad_x, device=x.device).clamp(0, width - 1)
-        x = x.index_select(3, cols)
-    return x
+    return F.pad(x, (pad_x, pad_x, pad_y, pad_y), mode="replicate")
 
 
-def _poly_kernels(n: int, sigma: float) -> tuple[list[float], list[float], list[float], float, float, float, float]:
-    """OpenCV's FarnebackPrepareGaussian: 1-D taps g, x g, x^2 g and the needed inverse-Gram entries."""
-    if sigma < 1.1920929e-07:  # FLT_EPSILON
+@functools.lru_cache(maxsize=16)
+def _poly_kernels(
+    n: int, sigma: float
+) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...], float, float, float]:
+    """OpenCV's FarnebackPrepareGaussian: 1-D taps g, x g, (x^2 - m2) g and inverse-Gram entries.
+
+    m2 = sum x^2 g. The Gram matrix of the basis (1, x, y, x^2, y^2, xy) under g(x) g(y) has
+    inverse entries ig03 = -m2 ig33 and ig34 = 0, so the x^2 coefficient is
+    ig33 sum (x^2 - m2) g(x) g(y) f: zero-sum weights, free of the cancellation between the
+    1 and x^2 terms in flat regions.
+    """
+    if sigma < _FLT_EPSILON:
         sigma = n * 0.3
     xs = range(-n, n + 1)
     g = [math.exp(-x * x / (2 * sigma * sigma)) for x in xs]
     total = sum(g)
     g = [v / total for v in g]
-    xg = [x * v for x, v in zip(xs, g)]
-    xxg = [x * x * v for x, v in zip(xs, g)]
-    # Gram matrix of the basis (1, x, y, x^2, y^2, xy) under the separable weights g(x) g(y).
-    m2 = sum(xxg)
-    m4 = sum(x * x * v for x, v in zip(xs, xxg))
+    m2 = sum(x * x * v for x, v in zip(xs, g))
+    m4 = sum(x**4 * v for x, v in zip(xs, g))
     gram = torch.zeros(6, 6, dtype=torch.float64)
     gram[0, 0] = 1.0
     gram[1, 1] = gram[2, 2] = gram[0, 3] = gram[3, 0] = gram[0, 4] = gram[4, 0] = m2
     gram[3, 3] = gram[4, 4] = m4
     gram[3, 4] = gram[4, 3] = gram[5, 5] = m2 * m2
     inv = torch.linalg.inv(gram)
-    return g, xg, xxg, float(inv[1, 1]), float(inv[0, 3]), float(inv[3, 3]), float(inv[5, 5])
+    xg = tuple(x * v for x, v in zip(xs, g))
+    cg = tuple((x * x - m2) * v for x, v in zip(xs, g))
+    return tuple(g), xg, cg, float(inv[1, 1]), float(inv[3, 3]), float(inv[5, 5])
 
 
 def _border_weight(height: int, width: int, like: Tensor) -> Tensor:
     """OpenCV's per-pixel weight of the equations near the image edges. Shape: (h, w)."""
 
     def axis(length: int) -> Tensor:
-        w = torch.ones(length, dtype=like.dtype, device=like.device)
+        w = [1.0] * length
         for i, value in enumerate(_BORDER_WEIGHTS[: min(len(_BORDER_WEIGHTS), length)]):
             w[i] *= value
             w[length - 1 - i] *= value
-        return w
+        return torch.tensor(w, dtype=like.dtype, device=like.device)
 
     return axis(height)[:, None] * axis(width)[None, :]
-
-
-def _base_grid(height: int, width: int, like: Tensor) -> Tensor:
-    """Pixel coordinates (x, y) of every pixel. Shape: (1, h, w, 2)."""
-    ys = torch.arange(height, dtype=like.dtype, device=like.device)
-    xs = torch.arange(width, dtype=like.dtype, device=like.device)
-    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).unsqueeze(0)
 
 
 def _level_count(height: int, width: int, params: FarnebackParams) -> int:
@@ -319,5 +417,5 @@ def _check_pair(prev: Tensor, nxt: Tensor) -> None:
         raise ValueError(f"prev and nxt differ in shape: {tuple(prev.shape)} vs {tuple(nxt.shape)}")
     if prev.device != nxt.device:
         raise ValueError(f"prev and nxt are on different devices: {prev.device} vs {nxt.device}")
-    if min(prev.shape) == 0:
+    if prev.numel() == 0:
         raise ValueError(f"farneback got an empty batch or image, shape {tuple(prev.shape)}")

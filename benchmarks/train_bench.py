@@ -1,0 +1,174 @@
+"""Training throughput: stage-1 head clips/s on cached features, stage-2 frames/s end to end, peak RSS.
+
+Stage 1 compares, in one run and on the same synthetic features file (T=16, D=4096, float16 as
+cached), the plain pipeline (a DataLoader over FeatureDataset items with default collation, and
+torch's nn.LSTM) with what the trainer uses (FeatureBank batches cut from memory, fused LSTM on
+CPU), plus the two levers alone, for each thread count asked. Every row trains the default
+bilstm_attention head with the focal loss and AdamW through `train_one_epoch`. The host may be
+shared: wall-clock rows are noisy, so CPU seconds per clip are shown too.
+
+    python benchmarks/train_bench.py                      # CPU rows
+    python benchmarks/train_bench.py --device cuda:0      # GPU rows (fused LSTM off: cuDNN is faster)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flow.devices import resolve_device  # noqa: E402
+from streams.config import LossConfig, ModelConfig, OptimConfig  # noqa: E402
+from streams.features import FeatureDataset  # noqa: E402
+from streams.heads import build_head  # noqa: E402
+from streams.launch import head_param_groups, make_optimizer  # noqa: E402
+from streams.losses import build_loss  # noqa: E402
+from streams.model import build_stream_model  # noqa: E402
+from streams.schedule import WarmupCosine  # noqa: E402
+from streams.train import (  # noqa: E402
+    FeatureBank,
+    epoch_order,
+    resolve_precision,
+    train_one_epoch,
+    use_fused_lstm,
+)
+
+
+def write_features(path: Path, videos: int, steps: int, dim: int, seed: int = 0) -> Path:
+    """A features file in the cached layout: one view per video, random float16 features."""
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"stream": "rgb", "backbone": "vgg19", "feature_dim": dim, "views": 1, "minority_views": 1})
+        group = f.create_group("videos")
+        for i in range(videos):
+            g = group.create_group(f"v{i:04d}")
+            g.create_dataset("features", data=rng.standard_normal((1, steps, dim), dtype=np.float32).astype(np.float16))
+            g.attrs["label"] = int(i % 5 != 0)  # 20% minority, as in CCTV data
+            g.attrs["views"] = 1
+    return path
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def head_row(ds: FeatureDataset, bank: FeatureBank | None, fused: bool, fused_adam: bool, args,
+             device: torch.device) -> dict:
+    torch.manual_seed(0)
+    head = build_head(ModelConfig(), ds.feature_dim)
+    if fused:
+        use_fused_lstm(head)
+    head.to(device)
+    optim = OptimConfig()
+    opt = make_optimizer(head_param_groups(head, optim.lr, optim.weight_decay), optim, fused=fused_adam)
+    loss_fn = build_loss(LossConfig(), ds.labels).to(device)
+    total = (args.batches + args.warmup) * 4
+    schedule = WarmupCosine(opt, total, optim.lr, 0, optim.min_lr)
+    precision = resolve_precision("auto", device)
+    order = epoch_order(ds.labels, 0, sampler="weighted")
+
+    def batches(n: int, epoch: int):
+        if bank is not None:
+            return itertools.islice(bank.batches(order, args.batch, epoch), n)
+        ds.set_epoch(epoch)
+        return itertools.islice(DataLoader(ds, batch_size=args.batch, sampler=order.tolist()), n)
+
+    train_one_epoch(head, batches(args.warmup, 0), opt, loss_fn, 0, optim, schedule=schedule, device=device,
+                    precision=precision)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    stats = train_one_epoch(head, batches(args.batches, 1), opt, loss_fn, args.warmup, optim, schedule=schedule,
+                            device=device, precision=precision)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return {"clips_per_s": stats["clips"] / wall, "cpu_ms_per_clip": 1000 * cpu / stats["clips"]}
+
+
+def stage2_row(args, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model = build_stream_model(ModelConfig(), "rgb").to(device)
+    if device.type == "cpu":
+        use_fused_lstm(model)
+    optim = OptimConfig()
+    opt = make_optimizer(model.param_groups(optim.stage_lr(2), optim.weight_decay, optim.backbone_lr_factor), optim)
+    loss_fn = build_loss(LossConfig(), [0, 1]).to(device)
+    n = args.stage2_batches + 1
+    schedule = WarmupCosine(opt, n, optim.stage_lr(2), 0, optim.min_lr)
+    precision = resolve_precision("auto", device)
+    clips = torch.randn(n, args.stage2_batch, args.stage2_steps, 3, args.stage2_size, args.stage2_size)
+    batches = [{"clip": c, "label": torch.arange(args.stage2_batch).float() % 2, "video_id": ["x"] * len(c)}
+               for c in clips]
+    train_one_epoch(model, batches[:1], opt, loss_fn, 0, optim, schedule=schedule, device=device, precision=precision)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall0 = time.perf_counter()
+    stats = train_one_epoch(model, batches[1:], opt, loss_fn, 1, optim, schedule=schedule, device=device,
+                            precision=precision)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - wall0
+    return {"frames_per_s": stats["clips"] * args.stage2_steps / wall, "clips_per_s": stats["clips"] / wall}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--videos", type=int, default=512, help="videos in the synthetic features file")
+    p.add_argument("--steps", type=int, default=16, help="T time steps per clip")
+    p.add_argument("--dim", type=int, default=4096, help="feature size D (VGG19 fc7: 4096)")
+    p.add_argument("--batch", type=int, default=64, help="clips per step")
+    p.add_argument("--batches", type=int, default=6, help="timed steps per stage-1 row")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before each row")
+    p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts for the CPU rows")
+    p.add_argument("--stage2-size", type=int, default=64, help="frame side for stage 2 (VGG19 takes >= 32)")
+    p.add_argument("--stage2-steps", type=int, default=4, help="T for stage 2")
+    p.add_argument("--stage2-batch", type=int, default=2, help="clips per stage-2 step")
+    p.add_argument("--stage2-batches", type=int, default=2, help="timed stage-2 steps (0 skips stage 2)")
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    threads = [int(t) for t in args.threads.split(",")] if device.type == "cpu" else [torch.get_num_threads()]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_features(Path(tmp) / "features.h5", args.videos, args.steps, args.dim)
+        ds = FeatureDataset(path, train=True)
+        rss0 = peak_rss_mb()
+        bank = FeatureBank(ds)
+        print(f"stage 1: {args.videos} videos, T={args.steps}, D={args.dim}, batch {args.batch}, device {device}; "
+              f"FeatureBank {FeatureBank.nbytes(ds) / 2**20:.0f} MiB (peak RSS {rss0:.0f} -> {peak_rss_mb():.0f} MiB)")
+        print(f"{'threads':>7}  {'input':<22} {'LSTM':<6} {'AdamW':<9} {'clips/s':>8} {'CPU ms/clip':>12}")
+        # Plain PyTorch first, then one lever at a time; the last row is what the trainer runs.
+        variants = [("DataLoader (per item)", None, False, False), ("FeatureBank (memory)", bank, False, False),
+                    ("FeatureBank (memory)", bank, True, False), ("FeatureBank (memory)", bank, True, True)]
+        if device.type != "cpu":  # cuDNN's LSTM beats a Python time loop on a GPU
+            variants = [v for v in variants if not v[2]] + [("FeatureBank (memory)", bank, False, True)]
+        for n in threads:
+            torch.set_num_threads(n)
+            for name, b, fused, fused_adam in variants:
+                row = head_row(ds, b, fused, fused_adam, args, device)
+                print(f"{n:>7}  {name:<22} {'fused' if fused else 'torch':<6} "
+                      f"{'fused' if fused_adam else 'foreach':<9} {row['clips_per_s']:>8.1f} "
+                      f"{row['cpu_ms_per_clip']:>12.2f}", flush=True)
+    if args.stage2_batches > 0:
+        torch.set_num_threads(max(threads))
+        row = stage2_row(args, device)
+        print(f"stage 2: VGG19 + head end to end at {args.stage2_size}x{args.stage2_size}, T={args.stage2_steps}, "
+              f"batch {args.stage2_batch}, {torch.get_num_threads()} threads: {row['frames_per_s']:.1f} frames/s "
+              f"({row['clips_per_s']:.2f} clips/s)")
+    print(f"peak RSS: {peak_rss_mb():.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

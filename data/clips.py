@@ -1,0 +1,389 @@
+"""Clip datasets over the store: T time steps per video, one RGB frame or one stack of L flow fields each.
+
+Which frames a clip holds (P = usable positions: n frames for RGB; for flow, with F = n - 1 fields,
+P = max(F - L + 1, 1) so that every stack fits whole when the video allows):
+
+- Evaluation (`train=False`, view 0): T positions spread evenly over 0..P-1,
+  round(linspace(0, P - 1, T)). A video with fewer than T positions gives each once, then the
+  last one again until there are T (edge padding; the repeats show in `index`).
+- Training (`train=True`) and augmented views (view > 0 with an AugmentConfig): a random temporal
+  crop. The T steps cover a share min(c * r, 1) of the video at a random start, c ~ U(min_crop, 1)
+  and r the playback rate drawn from `AugmentConfig.frame_rate_range` (1 without augmentation);
+  then `temporal_dropout` repeats some steps. A faster replay also scales the flow vectors by r,
+  as `augment_clip` does.
+- A flow step at position p stacks fields p, p + 1, ..., p + L - 1 (field i is the motion from
+  frame i to frame i + 1); past the last field it repeats the last field (only videos with fewer
+  than L fields get there).
+
+Augmentation draws come from a numpy Generator seeded by (seed, video id, view, epoch) and the
+spatial ones (flip, zoom, crop, rotation, colour) are drawn first, so the RGB and the flow dataset
+of one video draw the same geometry: a flip mirrors the frames and negates dx alike.
+
+The store opens lazily in each process (`Store` pickles without its file handles), so a dataset
+built in the parent can go to DataLoader workers. Only the frames a clip needs are read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from data.augment import (
+    AugmentConfig,
+    ClipParams,
+    color_jitter,
+    sample_params,
+    spatial_matrix,
+    temporal_dropout,
+    temporal_resample,
+    warp_affine,
+)
+from data.manifest import SPLITS, ManifestRow
+from data.splits import assign_splits, fold_split
+from data.store import Store
+from streams.backbones import normalize_flow, normalize_rgb
+
+log = logging.getLogger(__name__)
+
+STREAMS = ("rgb", "flow")
+_CV_MAX_CHANNELS = 128  # OpenCV's warp and resize refuse images with more channels than this
+_DEFAULT_BOUND = 20.0  # px; stores written before the bound was recorded used TSN's
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """How a clip is cut from a stored video."""
+
+    steps: int = 16  # T time steps per clip
+    flow_stack: int = 5  # L consecutive flow fields stacked per step (flow stream: 2L channels)
+    size: int | None = None  # output side (square) after the (augmented) crop; None = store size
+    train: bool = False  # random temporal crop + augmentation when True, uniform steps when False
+    min_crop: float = 0.8  # training: smallest share of the video a random temporal crop covers
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"ClipConfig.steps must be >= 1, got {self.steps}")
+        if self.flow_stack < 1:
+            raise ValueError(f"ClipConfig.flow_stack must be >= 1, got {self.flow_stack}")
+        if self.size is not None and self.size < 16:
+            raise ValueError(f"ClipConfig.size must be at least 16 pixels (or None), got {self.size}")
+        if not 0.0 < self.min_crop <= 1.0:
+            raise ValueError(f"ClipConfig.min_crop must be in (0, 1], got {self.min_crop}")
+
+    def channels(self, stream: str) -> int:
+        """Input channels of a stream's clips: 3 for "rgb", 2L for "flow"."""
+        return 3 if _check_stream(stream) == "rgb" else 2 * self.flow_stack
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClipConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"ClipConfig: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**d)
+
+
+# --- which positions a clip takes ---------------------------------------------------------------
+
+
+def uniform_positions(count: int, steps: int) -> np.ndarray:
+    """T positions spread evenly over 0..count-1; short videos repeat the last. Shape: -> (T,) int64."""
+    if count < 1 or steps < 1:
+        raise ValueError(f"need count >= 1 and steps >= 1, got {count} and {steps}")
+    if count < steps:
+        return np.concatenate([np.arange(count), np.full(steps - count, count - 1)]).astype(np.int64)
+    if steps == 1:
+        return np.array([(count - 1) // 2], np.int64)
+    # Spacing >= 1, so rounding half up never picks a position twice.
+    return np.floor(np.linspace(0, count - 1, steps) + 0.5).astype(np.int64)
+
+
+def crop_positions(count: int, steps: int, share: float, rng: np.random.Generator) -> np.ndarray:
+    """T positions covering `share` (<= 1) of what the uniform ones cover, from a random start.
+
+    The spacing is the uniform one times `share` (below 1 the clip replays slower and repeats
+    positions). Shape: -> (T,) int64.
+    """
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"crop share must be in (0, 1], got {share}")
+    uniform = (count - 1) / (steps - 1) if count > steps and steps > 1 else 1.0
+    spacing = uniform * share
+    room = max(0.0, count - 1 - (steps - 1) * spacing)
+    start = int(rng.random() * (np.floor(room + 1e-9) + 1))
+    return temporal_resample(np.arange(start, count, dtype=np.int64), spacing, steps)
+
+
+def stack_fields(positions: np.ndarray, num_fields: int, stack: int) -> np.ndarray:
+    """Field indices of the L-stack starting at each position, clamped to the last field.
+
+    Shape: (T,) -> (T, L) int64.
+    """
+    if num_fields < 1:
+        raise ValueError("a video needs at least one flow field (two frames)")
+    return np.minimum(np.asarray(positions)[:, None] + np.arange(stack), num_fields - 1).astype(np.int64)
+
+
+def flow_positions(num_frames: int, stack: int) -> int:
+    """Usable stack starts of a video of `num_frames` frames: max(F - L + 1, 1), F = num_frames - 1."""
+    return max(num_frames - stack, 1)
+
+
+# --- geometry on channels-last arrays -----------------------------------------------------------
+
+
+def _chunked(fn, x: np.ndarray) -> np.ndarray:
+    """Apply an OpenCV-backed fn to (..., H, W, C) in slices of at most 128 channels once stacked."""
+    lead = x.shape[:-3]
+    flat = x.reshape(-1, *x.shape[-3:])
+    per = max(1, _CV_MAX_CHANNELS // x.shape[-1])
+    out = np.concatenate([fn(flat[i : i + per]) for i in range(0, len(flat), per)])
+    return out.reshape(*lead, *out.shape[-3:])
+
+
+def _resize(x: np.ndarray, side: int, vectors: bool = False) -> np.ndarray:
+    """(..., H, W, C) -> (..., side, side, C); area averaging when shrinking. Flow vectors rescale."""
+    h, w, c = x.shape[-3:]
+    if (h, w) == (side, side):
+        return x
+    interp = cv2.INTER_AREA if side * side < h * w else cv2.INTER_LINEAR
+    flat = x.reshape(-1, h, w, c)
+    # One image at a time: OpenCV's area resize takes at most 4 channels at non-integer scales.
+    out = np.stack([cv2.resize(img, (side, side), interpolation=interp) for img in flat])
+    out = out.reshape(*x.shape[:-3], side, side, c)
+    if vectors:
+        out = out * np.array([side / w, side / h], np.float32)
+    return out
+
+
+def _warp(x: np.ndarray, params: ClipParams, vectors: bool = False) -> np.ndarray:
+    """The clip's flip/zoom/crop/rotation on (..., H, W, C) frames, or on flow with `vectors`."""
+    if params.is_spatial_identity:
+        return x
+    matrix = spatial_matrix(params, *x.shape[-3:-1])
+    return _chunked(lambda chunk: warp_affine(chunk, matrix, vectors=vectors), x)
+
+
+def read_rows(fetch, index: np.ndarray) -> np.ndarray:
+    """Rows `index` (any order, repeats allowed) of a stored array, read as runs of consecutive rows.
+
+    `fetch(slice)` reads one run (e.g. `lambda s: store.rgb(video_id, s)`). Slices, because h5py's
+    point selections of sorted rows are ~10x slower than reading each row as its own slice.
+    """
+    uniq, inverse = np.unique(np.asarray(index, np.int64), return_inverse=True)
+    runs = np.split(uniq, np.flatnonzero(np.diff(uniq) != 1) + 1)
+    rows = np.concatenate([fetch(slice(int(run[0]), int(run[-1]) + 1)) for run in runs])
+    return rows[inverse.reshape(-1)]
+
+
+# --- the dataset --------------------------------------------------------------------------------
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Clips of one stream from a store, one item per video.
+
+    `__getitem__(i)` returns exactly:
+
+        {"video_id": str,
+         "label": float32 tensor (),                1 = violent, 0 = non-violent
+         "clip": float32 tensor (T, C, H, W),       normalised: ImageNet mean/std for "rgb" (C = 3);
+                                                    flow / bound clipped to [-1, 1] for "flow" (C = 2L,
+                                                    dx_1, dy_1, dx_2, ...)
+         "index": int64 tensor (T,)}                frame index of each step (the first frame of a
+                                                    flow stack)
+
+    With `cfg.train` every epoch draws a new crop and augmentation (call `set_epoch` each epoch,
+    as with DistributedSampler; `augment` None gives the temporal crop alone). Without it, view 0
+    is the plain uniform clip and, when `augment` is given, view v > 0 is a fixed augmented draw
+    for test-time augmentation and feature caching.
+    """
+
+    def __init__(
+        self,
+        store: str | Path | Store,
+        video_ids: Sequence[str],
+        stream: str,
+        cfg: ClipConfig = ClipConfig(),
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+        view: int = 0,
+    ) -> None:
+        # Building a Store reads nothing; its files open on first access in each worker.
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.video_ids = [str(v) for v in video_ids]
+        self.stream = _check_stream(stream)
+        self.cfg = cfg
+        self.augment = augment
+        self.seed = int(seed)
+        if view < 0:
+            raise ValueError(f"view must be >= 0, got {view}")
+        self.view = int(view)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Training draws depend on the epoch, so each epoch sees new crops (workers re-read this)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    def _rng(self, video_id: str) -> np.random.Generator | None:
+        """The item's generator, or None for the plain uniform clip."""
+        if self.cfg.train:
+            key = [self.seed, 1, self.epoch, self.view]
+        elif self.view > 0 and self.augment is not None:
+            key = [self.seed, 2, self.view]
+        else:
+            return None
+        # crc32, not hash(): the same id must draw the same in every process and run.
+        return np.random.default_rng([*key, zlib.crc32(video_id.encode())])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        video_id = self.video_ids[i]
+        n = self.store.num_frames(video_id)
+        rng = self._rng(video_id)
+        aug = self.augment if rng is not None else None
+        # Spatial draws first: their count never depends on the stream, so both streams agree.
+        params = sample_params(aug, rng) if aug is not None else ClipParams()
+        count = n if self.stream == "rgb" else flow_positions(n, self.cfg.flow_stack)
+        if rng is None:
+            positions = uniform_positions(count, self.cfg.steps)
+        else:
+            share = min(float(rng.uniform(self.cfg.min_crop, 1.0)) * params.rate, 1.0)
+            positions = crop_positions(count, self.cfg.steps, share, rng)
+            if aug is not None and aug.temporal_dropout > 0:
+                positions = temporal_dropout(positions, aug.temporal_dropout, rng)
+        if self.stream == "rgb":
+            clip = self._rgb(video_id, positions, params)
+        else:
+            clip = self._flow(video_id, n, positions, params)
+        return {
+            "video_id": video_id,
+            "label": torch.tensor(float(self.store.label(video_id)), dtype=torch.float32),
+            "clip": clip,
+            "index": torch.from_numpy(positions.astype(np.int64)),
+        }
+
+    def _rgb(self, video_id: str, positions: np.ndarray, params: ClipParams) -> torch.Tensor:
+        frames = read_rows(lambda rows: self.store.rgb(video_id, rows), positions)  # (T, H, W, 3) uint8
+        if self.cfg.size is not None:
+            # Resizing first: the augmentation's geometry is relative to the frame, and it then
+            # warps only the output pixels.
+            frames = _resize(frames, self.cfg.size)
+        frames = _warp(frames, params)
+        if (params.brightness, params.contrast, params.saturation) != (1.0, 1.0, 1.0):
+            frames = color_jitter(frames, params.brightness, params.contrast, params.saturation)
+        return _normalize_rgb(frames)  # (T, 3, H, W)
+
+    def _flow(self, video_id: str, n: int, positions: np.ndarray, params: ClipParams) -> torch.Tensor:
+        fields = stack_fields(positions, n - 1, self.cfg.flow_stack)  # (T, L)
+        flow = read_rows(lambda rows: self.store.flow(video_id, rows), fields.reshape(-1))  # (T*L, H, W, 2) px
+        flow = flow.reshape(*fields.shape, *flow.shape[1:])  # (T, L, H, W, 2)
+        if params.rate != 1.0:
+            flow = flow * np.float32(params.rate)  # a faster replay moves further per field
+        if self.cfg.size is not None:
+            flow = _resize(flow, self.cfg.size, vectors=True)
+        flow = _warp(flow, params, vectors=True)
+        bound = _flow_bound(self.store, video_id)
+        return normalize_flow(_planar(flow), bound).contiguous()  # (T, 2L, H, W)
+
+
+def _planar(x: np.ndarray) -> torch.Tensor:
+    """A channels-last array as a tensor of the same shape whose memory is channels-first.
+
+    `normalize_flow` computes in its input's memory order and then moves channels first, so
+    planar memory makes its arithmetic contiguous and the final move free.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return t.movedim(-1, -3).contiguous().movedim(-3, -1)
+
+
+@functools.lru_cache(maxsize=1)
+def _rgb_table() -> np.ndarray:
+    """`normalize_rgb` of every uint8 value in each channel: (3, 256) float32."""
+    values = torch.arange(256, dtype=torch.uint8)[:, None].expand(256, 3)  # (256, 3): value v in all channels
+    return normalize_rgb(values[None]).reshape(3, 256).numpy()
+
+
+def _normalize_rgb(frames: np.ndarray) -> torch.Tensor:
+    """Exactly `normalize_rgb`, as a table lookup per channel: one pass instead of three and one
+    output buffer (about 2x faster on a 16-frame 224 px clip). Shape: (T, H, W, 3) uint8 -> (T, 3, H, W)."""
+    table = _rgb_table()
+    planar = np.ascontiguousarray(np.moveaxis(frames, -1, -3))  # (T, 3, H, W) uint8
+    out = np.empty(planar.shape, np.float32)
+    for c in range(3):
+        np.take(table[c], planar[:, c], out=out[:, c], mode="clip")  # "clip": unbuffered; uint8 never clips
+    return torch.from_numpy(out)
+
+
+def _flow_bound(store: Store, video_id: str) -> float:
+    """The bound (px) the store recorded for this video's flow, else the store's, else TSN's 20."""
+    bound = store.attrs(video_id).get("flow_bound", store.root_attrs.get("flow_bound", _DEFAULT_BOUND))
+    return float(bound)
+
+
+def _check_stream(stream: str) -> str:
+    if stream not in STREAMS:
+        raise ValueError(f"unknown stream {stream!r}; expected 'rgb' or 'flow'")
+    return stream
+
+
+# --- splits -------------------------------------------------------------------------------------
+
+
+def video_ids_for_split(
+    store: str | Path | Store,
+    split: str | None = None,
+    fold: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> dict[str, list[str]]:
+    """Video ids per split: {"train": [...], "val": [...], "test": [...]}, each in store order.
+
+    Without `fold` the store's `split` attrs decide; videos without one are placed by
+    `data.splits.assign_splits` (by group, stratified). With `fold=(k, K)`, round k of a
+    stratified group K-fold over the store's label and group attrs: fold k is test, val is carved
+    from the others. `split` keeps only that key.
+    """
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    owned = not isinstance(store, Store)
+    s = Store(store) if owned else store
+    try:
+        rows = [_row(video_id, s.attrs(video_id)) for video_id in s.video_ids]
+    finally:
+        if owned:
+            s.close()  # DataLoader workers forked later must not inherit an open file
+    if not rows:
+        raise ValueError(f"{s.path} holds no videos; run `twostream extract` first")
+    if fold is not None:
+        if len(fold) != 2:
+            raise ValueError(f"fold must be (k, K): round k of a K-fold split, got {fold!r}")
+        rows = fold_split(rows, int(fold[0]), int(fold[1]), seed=seed)
+    elif any(not r.split for r in rows):
+        log.info("%d video(s) without a split in %s: assigning them by group", sum(not r.split for r in rows), s.path)
+        rows = assign_splits(rows, seed=seed)
+    out = {name: [r.video_id for r in rows if r.split == name] for name in SPLITS}
+    return {split: out[split]} if split is not None else out
+
+
+def _row(video_id: str, attrs: dict) -> ManifestRow:
+    split = attrs.get("split") or ""
+    return ManifestRow(
+        video_id=video_id,
+        path=str(attrs.get("source_path", "")),
+        label=int(attrs["label"]),
+        group=str(attrs.get("group") or video_id),  # a video without a group is its own recording
+        split=str(split),
+    )

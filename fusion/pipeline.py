@@ -1,0 +1,624 @@
+"""A trained run, end to end: its streams' predictions (with TTA), fusion, evaluation, cross-validation, the main job.
+
+A run folder holds `RUN/rgb/` and `RUN/flow/` as `twostream train` writes them (config.toml,
+best.pt, predictions_val.csv, predictions_test.csv). From there:
+
+- `stream_predictions`: a stream's per-video predictions on val or test. With one view they are
+  the run's CSVs; with K > 1 views (fusion.tta) best.pt is rebuilt from the saved config and run
+  over the store once per view, and the mean logit per video is kept. A head-only (stage-1) run
+  sees its features computed on the fly by the seeded backbone it was trained on, rounded to
+  float16 as the features cache stores them. The per-view rows are cached as
+  `RUN/<stream>/predictions_<split>_tta<K>.csv` (with a view column) until best.pt changes.
+- `fuse_run`: late fusion fitted on validation only (fusion.late), written to RUN/fusion.json,
+  with the comparison against each stream, plain averaging and TSN 1:1.5 on val and test in
+  RUN/fusion_comparison.json. Several runs: a simplex-weighted ensemble of all their streams
+  (fusion.ensemble).
+- `evaluate_run`: RUN/eval/ (metrics.json, report.md, roc.png, pr.png, confusion.png,
+  predictions.csv) for RGB, flow and fused on test, each at its operating threshold chosen on
+  validation.
+- `cross_validate`: stratified group k-fold over a store, both streams trained per fold.
+- `run_job`: index -> extract -> train both streams -> fuse -> evaluate, resuming whatever an
+  interrupted run finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusion.ensemble import EnsembleWeights, combine, fit_ensemble, save_ensemble
+from fusion.late import FusionConfig, FusionModel, baselines, fit_fusion, fuse, save_fusion
+from fusion.metrics import compute_metrics
+from fusion.predictions import Predictions, align_all, load_split, read_predictions, write_atomic
+from fusion.threshold import choose_threshold
+from fusion.tta import average_predictions, check_tta, tta_views
+
+logger = logging.getLogger(__name__)
+
+STREAMS = ("rgb", "flow")
+SPLITS = ("val", "test")
+Event = Callable[[dict], None]
+# Metrics kept per candidate in the fusion comparison.
+_SUMMARY_KEYS = ("threshold", "accuracy", "macro_f1", "roc_auc", "log_loss")
+
+
+# --- a run's streams ----------------------------------------------------------------------------
+
+
+def check_run(run_dir: str | Path, streams: Sequence[str] = STREAMS) -> Path:
+    """The run folder, or a one-line error naming the first stream that has no predictions."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder {run} does not exist")
+    for stream in streams:
+        for split in SPLITS:
+            path = run / stream / f"predictions_{split}.csv"
+            if not path.is_file():
+                raise ValueError(
+                    f"{run} has no trained {stream} stream ({path.relative_to(run)} is missing); "
+                    f"train it with `twostream train STORE --stream {stream} --out {run}`"
+                )
+    return run
+
+
+def _tta_path(stream_dir: Path, split: str, k: int) -> Path:
+    return stream_dir / f"predictions_{split}_tta{k}.csv"
+
+
+def _fresh(path: Path, source: Path) -> bool:
+    return path.is_file() and source.is_file() and path.stat().st_mtime >= source.stat().st_mtime
+
+
+def _tta_forward(model, module: str):
+    """clips (N, T, C, H, W) -> logits (N,) for a run's model; head-only runs see float16 features."""
+    if module != "head":
+        return model
+
+    def forward(clips):
+        feats = model.forward_features(clips)  # (N, T, D)
+        # The head was trained on features cached as float16; round the same way.
+        return model.forward_head(feats.half().float())
+
+    return forward
+
+
+def _compute_tta(stream_dir: Path, splits: Sequence[str], k: int, device: str, batch_size: int) -> None:
+    """Write `predictions_<split>_tta<k>.csv` for each split: every view of every video of that split."""
+    from data.clips import ClipConfig
+    from fusion.predictions import write_predictions
+    from fusion.tta import predict_views
+    from streams.rundir import load_stream_model
+    from streams.train import use_fused_lstm
+
+    model, cfg, info = load_stream_model(stream_dir, "best", _device(device))
+    dev = next(model.parameters()).device
+    if dev.type == "cpu":
+        use_fused_lstm(model)  # same results, faster recurrent layers on a CPU
+    store = Path(info["run"].get("store", ""))
+    if not store.exists() and not store.with_name(store.name + ".parts").is_dir():
+        raise FileNotFoundError(
+            f"{stream_dir} was trained on store {store}, which no longer exists; TTA needs it"
+        )
+    clip = ClipConfig(steps=cfg.train.steps, flow_stack=cfg.model.flow_stack, size=cfg.train.size)
+    forward = _tta_forward(model, info.get("module") or "model")
+    for split in splits:
+        # The run's own CSV names the videos of the split, so TTA keeps the split it was trained with.
+        ids = load_split(stream_dir, split).video_ids.tolist()
+        rows = predict_views(forward, store, ids, stream_dir.name, clip, tta_views(k), batch_size, dev)
+        ids_r, labels, logits, views = rows
+        write_predictions(_tta_path(stream_dir, split, k), ids_r, labels, logits, views)
+
+
+def _device(device: str):
+    from flow.devices import resolve_device
+
+    return resolve_device(device)
+
+
+def stream_predictions(
+    run_dir: str | Path,
+    stream: str,
+    split: str,
+    tta: int = 1,
+    device: str = "auto",
+    batch_size: int = 8,
+) -> Predictions:
+    """Per-video predictions of one stream of a run on "val" or "test", over `tta` views."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected val or test")
+    k = check_tta(tta)
+    stream_dir = Path(run_dir) / stream
+    if k == 1:
+        return load_split(stream_dir, split)
+    path = _tta_path(stream_dir, split, k)
+    if not _fresh(path, stream_dir / "best.pt"):
+        logger.info("%s: computing %d-view predictions for %s", stream_dir, k, split)
+        _compute_tta(stream_dir, [split], k, device, batch_size)
+    rows = read_predictions(path)  # view rows are merged into the mean logit per video here
+    return average_predictions(rows.video_ids, rows.labels, rows.logits)
+
+
+def run_predictions(
+    run_dir: str | Path, tta: int = 1, device: str = "auto"
+) -> tuple[dict[str, Predictions], dict[str, Predictions]]:
+    """(val, test) predictions of both streams of a run: stream -> Predictions."""
+    run = check_run(run_dir)
+    check_tta(tta)
+    val = {s: stream_predictions(run, s, "val", tta, device) for s in STREAMS}
+    test = {s: stream_predictions(run, s, "test", tta, device) for s in STREAMS}
+    return val, test
+
+
+# --- fusion -------------------------------------------------------------------------------------
+
+
+def _fusion_config(goal: str, min_recall: float | None) -> FusionConfig:
+    if min_recall is not None:
+        goal = "recall"  # a recall floor is a goal of its own
+    return FusionConfig(goal=goal, min_recall=min_recall)
+
+
+def _check_val(val: Mapping[str, Predictions]) -> None:
+    for name, p in val.items():
+        if len(p) == 0:
+            raise ValueError(f"the validation predictions of {name} are empty; fusion needs validation videos")
+    labels = next(iter(val.values())).labels
+    if labels.min() == labels.max():
+        only = "violent" if labels[0] == 1 else "non-violent"
+        raise ValueError(
+            f"the validation set holds only {only} videos ({len(labels)}); fusion needs both classes"
+        )
+
+
+def _summary(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict:
+    m = compute_metrics(labels, probs, threshold)
+    return {k: m[k] for k in _SUMMARY_KEYS} | {"n": m["n"]}
+
+
+def compare_candidates(
+    val: Mapping[str, Predictions],
+    test: Mapping[str, Predictions],
+    fused: Callable[[Mapping[str, Predictions]], Predictions],
+    fused_threshold: float,
+    cfg: FusionConfig,
+    name: str = "fused",
+) -> dict[str, dict[str, dict]]:
+    """{"val": {candidate: metrics}, "test": {...}} for each input alone, average, TSN and the fusion.
+
+    Each baseline's threshold is chosen on validation for the goal; the fusion keeps its own.
+    Validation figures of the fusion are in-sample (it was fitted there).
+    """
+    out: dict[str, dict[str, dict]] = {"val": {}, "test": {}}
+    base_val = baselines(val, dict(cfg.tsn_weights))
+    base_test = baselines(test, dict(cfg.tsn_weights))
+    for cand, pv in base_val.items():
+        thr = choose_threshold(pv.labels, pv.probabilities, cfg.goal, cfg.min_recall)
+        out["val"][cand] = _summary(pv.labels, pv.probabilities, thr)
+        pt = base_test[cand]
+        out["test"][cand] = _summary(pt.labels, pt.probabilities, thr)
+    for split, inputs in (("val", val), ("test", test)):
+        p = fused(inputs)
+        out[split][name] = _summary(p.labels, p.probabilities, fused_threshold)
+    return out
+
+
+@dataclass(frozen=True)
+class FusionOutcome:
+    """A fitted fusion of one run (or an ensemble of several) with its predictions and comparison."""
+
+    model: FusionModel | EnsembleWeights  # what was fitted on validation
+    path: Path  # where it was written
+    val: dict[str, Predictions]  # input name -> validation predictions
+    test: dict[str, Predictions]  # input name -> test predictions
+    comparison: dict[str, dict[str, dict]] = field(default_factory=dict)  # split -> candidate -> metrics
+    tta: int = 1  # views per video the predictions average
+
+    def fused(self, split: str) -> Predictions:
+        """The fused predictions on "val" or "test"."""
+        inputs = self.val if split == "val" else self.test
+        if isinstance(self.model, FusionModel):
+            return fuse(self.model, inputs)
+        return combine(self.model, inputs)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.model.threshold)
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return getattr(self.model, "fallback_reason", None)
+
+
+def fit_run(
+    run_dirs: Sequence[str | Path] | str | Path,
+    tta: int = 1,
+    goal: str = "accuracy",
+    min_recall: float | None = None,
+    device: str = "auto",
+    out: str | Path | None = None,
+) -> FusionOutcome:
+    """Fit fusion on validation, write it and its comparison; see `fuse_run`."""
+    runs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(r) for r in run_dirs]
+    if not runs:
+        raise ValueError("fusion needs at least one run folder")
+    k = check_tta(tta)
+    cfg = _fusion_config(goal, min_recall)
+    if len(runs) == 1:
+        val, test = run_predictions(runs[0], k, device)
+        _check_val(val)
+        model = fit_fusion(val, cfg)
+        path = save_fusion(model, Path(out) if out else runs[0] / "fusion.json")
+
+        def fused(inputs):
+            return fuse(model, inputs)
+
+    else:
+        val, test = {}, {}
+        names = _member_names(runs)
+        for run, name in zip(runs, names, strict=True):
+            v, t = run_predictions(run, k, device)
+            for s in STREAMS:
+                val[f"{name}/{s}"], test[f"{name}/{s}"] = v[s], t[s]
+        _check_val(val)
+        model = fit_ensemble(val, "logit", cfg.goal, cfg.min_recall)
+        path = save_ensemble(model, Path(out) if out else runs[0] / "ensemble.json")
+
+        def fused(inputs):
+            return combine(model, inputs)
+
+    name = "fused" if isinstance(model, FusionModel) else "ensemble"
+    comparison = compare_candidates(val, test, fused, float(model.threshold), cfg, name)
+    doc = {"tta": k, "goal": cfg.goal, "min_recall": cfg.min_recall, "runs": [str(r) for r in runs],
+           "model": str(path), "fallback_reason": getattr(model, "fallback_reason", None), **comparison}
+    write_atomic(path.with_name(path.stem + "_comparison.json"), json.dumps(doc, indent=2) + "\n")
+    if getattr(model, "fallback_reason", None):
+        logger.warning("%s", model.fallback_reason)
+    return FusionOutcome(model, path, val, test, comparison, k)
+
+
+def _member_names(runs: Sequence[Path]) -> list[str]:
+    """Unique member names from the run folders' names (a numeric suffix where two share one)."""
+    names, seen = [], {}
+    for run in runs:
+        base = run.resolve().name or "run"
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return names
+
+
+def fuse_run(
+    run_dirs: Sequence[str | Path] | str | Path,
+    tta: int = 1,
+    goal: str = "accuracy",
+    min_recall: float | None = None,
+    device: str = "auto",
+) -> FusionModel | EnsembleWeights:
+    """Fit late fusion of a run's RGB and flow streams on validation; write RUN/fusion.json.
+
+    Several runs give a simplex-weighted ensemble over all their streams, written to the first
+    run's ensemble.json. A recall floor (`min_recall`) makes the operating goal "recall". The
+    comparison with each stream, averaging and TSN 1:1.5 on val and test goes next to the model
+    (`<model>_comparison.json`); a learned fusion worse than the best stream on validation falls
+    back to that stream and says why (`fallback_reason`).
+    """
+    return fit_run(run_dirs, tta, goal, min_recall, device).model
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    tta: int = 1,
+    goal: str = "accuracy",
+    min_recall: float | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Fuse on validation, evaluate RGB, flow and fused on test; write the report to RUN/eval/.
+
+    Returns {"metrics": {"rgb", "flow", "fused"} -> compute_metrics dict, "report": report.md path,
+    "eval_dir", "tta", "fallback_reason", "comparison"}.
+    """
+    from fusion.report import write_report
+
+    run = check_run(run_dir)
+    outcome = fit_run(run, tta, goal, min_recall, device)
+    cfg = _fusion_config(goal, min_recall)
+    test = align_all(outcome.test)
+    results: dict[str, dict] = {}
+    predictions: dict[str, Predictions] = {}
+    for s in STREAMS:
+        pv = outcome.val[s]
+        thr = choose_threshold(pv.labels, pv.probabilities, cfg.goal, cfg.min_recall)
+        results[s] = compute_metrics(test[s].labels, test[s].probabilities, thr)
+        predictions[s] = test[s]
+    fused = outcome.fused("test")
+    results["fused"] = compute_metrics(fused.labels, fused.probabilities, outcome.threshold)
+    predictions["fused"] = fused
+    eval_dir = run / "eval"
+    title = f"twostream evaluation: {run.resolve().name}" + (f" ({outcome.tta} TTA views)" if outcome.tta > 1 else "")
+    write_report(eval_dir, results, predictions=predictions, goal=cfg.goal, min_recall=cfg.min_recall,
+                 fusion=outcome.model.to_dict(), title=title, split="test")
+    # metrics.json stays the last file written: it gains the view count and the baselines.
+    metrics_path = eval_dir / "metrics.json"
+    doc = json.loads(metrics_path.read_text(encoding="utf-8"))
+    doc.update(tta=outcome.tta, comparison=outcome.comparison)
+    write_atomic(metrics_path, json.dumps(doc, indent=2) + "\n")
+    return {
+        "metrics": results,
+        "report": eval_dir / "report.md",
+        "eval_dir": eval_dir,
+        "tta": outcome.tta,
+        "fallback_reason": outcome.fallback_reason,
+        "comparison": outcome.comparison,
+    }
+
+
+# --- training both streams ----------------------------------------------------------------------
+
+
+def _stream_done(run: Path, stream: str) -> bool:
+    d = run / stream
+    return all((d / name).is_file() for name in ("best.pt", "predictions_val.csv", "predictions_test.csv"))
+
+
+def train_run(
+    store: str | Path,
+    out: str | Path,
+    cfg,
+    devices: Sequence[str] = ("cpu", "cpu"),
+    on_event: Event | None = None,
+) -> dict[str, str]:
+    """Train whichever streams of `out` are unfinished, both at once; returns stream -> "trained"|"reused".
+
+    A stream with best.pt and both prediction files is reused; one with last.pt resumes; the
+    rest start fresh. Raises ValueError naming the log of a stream that failed.
+    """
+    from streams.launch import train_both, train_stream
+
+    out = Path(out)
+    todo = [s for s in STREAMS if not _stream_done(out, s)]
+    status = {s: "reused" for s in STREAMS if s not in todo}
+    if not todo:
+        return status
+    resume = {s: (out / s / "last.pt").is_file() for s in todo}
+    if len(todo) == 2 and resume["rgb"] == resume["flow"]:
+        outcomes = train_both(store, out, cfg, list(devices), resume=resume["rgb"], on_event=on_event)
+        failed = [o for o in outcomes.values() if not o.ok]
+        if failed:
+            o = failed[0]
+            raise ValueError(f"training the {o.stream} stream failed: {o.error} (log: {o.log_path})")
+    else:
+        for i, s in enumerate(todo):
+            train_stream(store, s, out, cfg, devices[STREAMS.index(s)] if i < len(devices) else "auto",
+                         resume=resume[s], on_event=on_event)
+    status.update({s: "trained" for s in todo})
+    return status
+
+
+# --- cross-validation ---------------------------------------------------------------------------
+
+
+def _store_groups(store: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    from data.store import Store
+
+    with Store(store) as s:
+        rows = [(s.attrs(v)) for v in s.video_ids]
+        ids = s.video_ids
+    if not rows:
+        raise ValueError(f"{store} holds no videos; make it with `twostream extract`")
+    labels = np.array([int(a["label"]) for a in rows], np.int64)
+    groups = np.array([str(a.get("group") or v) for a, v in zip(rows, ids, strict=True)])
+    return labels, groups
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
+    if v.size == 0:
+        return {"mean": float("nan"), "std": float("nan")}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0}
+
+
+_CV_METRICS = (("accuracy", ("accuracy",)), ("macro_f1", ("macro_f1",)), ("roc_auc", ("roc_auc",)),
+               ("violent_recall", ("per_class", "violent", "recall")))
+
+
+def _pick(m: Mapping, keys: tuple[str, ...]):
+    for k in keys:
+        m = m[k]
+    return m
+
+
+def cross_validate(
+    store: str | Path,
+    folds: int = 5,
+    out: str | Path = "runs/cv",
+    preset="auto",
+    config=None,
+    devices: Sequence[str] | None = None,
+    tta: int = 1,
+    epochs: int | None = None,
+    goal: str = "accuracy",
+    min_recall: float | None = None,
+    on_event: Event | None = None,
+) -> dict[str, Any]:
+    """Stratified group k-fold: per fold train both streams, fuse on its val part, evaluate on its test fold.
+
+    No source recording is in two folds; each round's validation part is carved from the
+    training folds by group (data.splits.fold_split). `config` (a streams RunConfig) replaces the
+    preset's training config. Writes OUT/fold<k>/ runs, OUT/cv.json and OUT/cv.md; returns the
+    summary {"folds": [...], "summary": {model: {metric: {"mean", "std"}}}}.
+    """
+    from fusion.presets import train_devices
+
+    store = Path(store)
+    if not store.exists() and not store.with_name(store.name + ".parts").is_dir():
+        raise FileNotFoundError(f"store {store} does not exist; make it with `twostream extract`")
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"--folds must be at least 2, got {folds}")
+    k = check_tta(tta)
+    labels, groups = _store_groups(store)
+    n_groups = len(np.unique(groups))
+    if folds > n_groups:
+        raise ValueError(
+            f"--folds {folds} is more than the {n_groups} source recordings (groups) in {store}; "
+            f"use at most {n_groups} folds"
+        )
+    chosen = _preset(preset)
+    base = config if config is not None else chosen.run_config(epochs)
+    if config is not None and epochs is not None:
+        base = replace(base, train=replace(base.train, epochs=epochs))
+    devices = list(devices or train_devices(chosen))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for fold in range(folds):
+        fold_dir = out / f"fold{fold}"
+        cfg = replace(base, train=replace(base.train, fold=f"{fold}/{folds}"))
+        if on_event is not None:
+            on_event({"event": "fold", "fold": fold, "folds": folds})
+        train_run(store, fold_dir, cfg, devices, on_event)
+        result = evaluate_run(fold_dir, k, goal, min_recall)
+        rows.append({"fold": fold, "run": str(fold_dir), "fallback_reason": result["fallback_reason"],
+                     **{m: {name: _pick(result["metrics"][m], keys) for name, keys in _CV_METRICS}
+                        for m in ("rgb", "flow", "fused")},
+                     "n_test": result["metrics"]["fused"]["n"]})
+        logger.info("fold %d/%d: fused accuracy %.4f", fold + 1, folds, rows[-1]["fused"]["accuracy"])
+    summary = {m: {name: _mean_std([r[m][name] for r in rows]) for name, _ in _CV_METRICS}
+               for m in ("rgb", "flow", "fused")}
+    doc = {"store": str(store.resolve()), "folds": folds, "tta": k, "goal": goal, "preset": chosen.name,
+           "rounds": rows, "summary": summary}
+    write_atomic(out / "cv.json", json.dumps(doc, indent=2) + "\n")
+    write_atomic(out / "cv.md", _cv_markdown(doc))
+    return doc
+
+
+def _cv_markdown(doc: Mapping) -> str:
+    names = [name for name, _ in _CV_METRICS]
+    lines = [
+        f"# Cross-validation: {doc['folds']} folds",
+        "",
+        f"Store: {doc['store']}. Stratified group k-fold (no source recording in two folds); per "
+        f"fold both streams train on the other folds, fusion is fitted on a validation part carved "
+        f"from them by group, and every figure is on the held-out fold. TTA views: {doc['tta']}.",
+        "",
+        "| model | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for m, stats in doc["summary"].items():
+        cells = [f"{s['mean']:.4f} ± {s['std']:.4f}" for s in (stats[n] for n in names)]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "## Per fold", "", "| fold | videos | rgb | flow | fused | note |", "|---:|---:|---:|---:|---:|---|"]
+    for r in doc["rounds"]:
+        note = "fallback to one stream" if r.get("fallback_reason") else ""
+        lines.append(f"| {r['fold']} | {r['n_test']} | {r['rgb']['accuracy']:.4f} | {r['flow']['accuracy']:.4f} "
+                     f"| {r['fused']['accuracy']:.4f} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- the main job -------------------------------------------------------------------------------
+
+
+def _preset(preset):
+    """A preset given by name ("auto", "cpu", "gpu") or as a `fusion.presets.Preset`."""
+    from fusion.presets import Preset, choose_preset
+
+    return preset if isinstance(preset, Preset) else choose_preset(preset)
+
+
+def _generate_synthetic(folder: Path, spec) -> Path:
+    """The synthetic dataset in `folder`, generated aside and renamed in, so a kill never leaves half of it."""
+    import shutil
+
+    from data.synthetic import generate_dataset
+
+    if (folder / "groups.csv").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    generate_dataset(tmp, spec)
+    if folder.exists():
+        folder.rmdir()  # an empty folder left by an earlier attempt; a full one would refuse here
+    tmp.rename(folder)
+    return folder
+
+
+def run_job(
+    data_dir: str | Path | None,
+    out: str | Path,
+    preset="auto",
+    epochs: int | None = None,
+    tta: int | None = None,
+    on_event: Event | None = None,
+) -> dict[str, Any]:
+    """The whole job: index -> extract -> train both streams -> fuse -> evaluate.
+
+    Without `data_dir` the embedded synthetic dataset is generated into OUT/data. Every step
+    reuses what an earlier, interrupted run of the same command finished: the dataset, the
+    manifest (OUT/manifest.csv), the store (OUT/store.h5, which resumes per video), the cached
+    features, each trained stream (best.pt + predictions) or its last checkpoint. Returns
+    {"preset", "steps": {step: {"seconds", "status"}}, "metrics", "report", "fallback_reason"}.
+    """
+    from data.layouts import index_dataset
+    from data.manifest import read_manifest, write_manifest
+    from data.splits import assign_splits
+    from flow.extract import extract_dataset
+    from fusion.presets import train_devices
+
+    chosen = _preset(preset)
+    k = check_tta(tta if tta is not None else chosen.tta)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a folder")
+    if data_dir is not None and not Path(data_dir).exists():
+        raise FileNotFoundError(f"dataset {data_dir} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    steps: dict[str, dict] = {}
+
+    def step(name: str, status: str, start: float) -> None:
+        steps[name] = {"seconds": round(time.perf_counter() - start, 2), "status": status}
+        logger.info("%s: %s in %.1f s", name, status, steps[name]["seconds"])
+        if on_event is not None:
+            on_event({"event": "job", "step": name, **steps[name]})
+
+    t = time.perf_counter()
+    if data_dir is None:
+        existed = (out / "data" / "groups.csv").is_file()
+        source = _generate_synthetic(out / "data", chosen.synthetic_spec())
+        groups = source / "groups.csv"
+        step("data", "reused" if existed else "generated", t)
+    else:
+        source = Path(data_dir)
+        groups = None
+    manifest = out / "manifest.csv"
+    t = time.perf_counter()
+    if manifest.is_file():
+        rows = read_manifest(manifest)
+        step("index", "reused", t)
+    else:
+        rows = assign_splits(index_dataset(source, groups_file=groups))
+        write_manifest(rows, manifest)
+        step("index", f"{len(rows)} videos", t)
+    t = time.perf_counter()
+    store = out / "store.h5"
+    summary = extract_dataset(rows, store, chosen.extract_config())
+    if not summary.written and not summary.skipped:
+        raise ValueError(f"no video of {source} could be read; see {summary.failures_csv}")
+    step("extract", f"{len(summary.written)} written, {len(summary.skipped)} reused, "
+                    f"{len(summary.failures)} failed", t)
+    t = time.perf_counter()
+    status = train_run(store, out, chosen.run_config(epochs), train_devices(chosen), on_event)
+    step("train", ", ".join(f"{s} {v}" for s, v in status.items()), t)
+    t = time.perf_counter()
+    result = evaluate_run(out, k)
+    step("fuse+evaluate", f"{k} view{'s' if k > 1 else ''}", t)
+    return {"preset": chosen.name, "steps": steps, "metrics": result["metrics"], "report": result["report"],
+            "fallback_reason": result["fallback_reason"], "comparison": result["comparison"], "tta": k}

@@ -1,0 +1,193 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import expit
+
+from data.clips import ClipConfig, ClipDataset
+from data.store import StoreWriter
+from fusion.ensemble import load_ensemble
+from fusion.late import load_fusion
+from fusion.pipeline import (
+    check_run,
+    cross_validate,
+    evaluate_run,
+    fit_run,
+    fuse_run,
+    stream_predictions,
+)
+from fusion.predictions import write_predictions
+from fusion.tta import tta_views
+from streams.rundir import RunDir, build_model, resolve_run_config
+
+
+def _ids(n, prefix):
+    return [f"{prefix}{i:04d}" for i in range(n)]
+
+
+def _complementary(n, seed):
+    """Labels from a logistic model over two independent per-stream logits: each stream sees half the signal."""
+    rng = np.random.default_rng(seed)
+    rgb, flow = rng.normal(0, 2, n), rng.normal(0, 2, n)
+    y = (rng.random(n) < expit(1.0 * rgb + 1.5 * flow)).astype(int)
+    return y, {"rgb": rgb, "flow": flow}
+
+
+def _perfect_and_noise(n, seed):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.6).astype(int)
+    return y, {"rgb": np.where(y == 1, 1.0, -1.0) * (6 + np.abs(rng.normal(0, 1, n))), "flow": rng.normal(0, 1, n)}
+
+
+def make_run(root: Path, make, n_val=400, n_test=600, seed=0, streams=("rgb", "flow")) -> Path:
+    """A run folder holding only prediction CSVs, as `twostream train` writes them."""
+    for split, n, s in (("val", n_val, seed), ("test", n_test, seed + 1)):
+        y, logits = make(n, s)
+        for stream in streams:
+            write_predictions(root / stream / f"predictions_{split}.csv", _ids(n, f"{split}-"), y, logits[stream])
+    return root
+
+
+class TestFuse:
+    def test_fused_beats_each_stream_on_complementary_streams(self, tmp_path):
+        run = make_run(tmp_path / "run", _complementary)
+        model = fuse_run(run)
+        assert model.method == "learned" and model.fallback_reason is None
+        assert load_fusion(run / "fusion.json") == model
+        doc = json.loads((run / "fusion_comparison.json").read_text())
+        test = doc["test"]
+        assert set(test) == {"rgb", "flow", "average", "tsn", "fused"}
+        assert test["fused"]["accuracy"] >= max(test["rgb"]["accuracy"], test["flow"]["accuracy"]) + 0.03
+        assert set(doc["val"]) == set(test) and doc["tta"] == 1 and doc["fallback_reason"] is None
+
+    def test_falls_back_to_the_better_stream_and_says_why(self, tmp_path):
+        run = make_run(tmp_path / "run", _perfect_and_noise, n_val=60, n_test=40)
+        outcome = fit_run(run)
+        assert outcome.model.method == "single" and outcome.model.selected == "rgb"
+        assert "rgb alone" in outcome.fallback_reason
+        doc = json.loads((run / "fusion_comparison.json").read_text())
+        assert "rgb alone" in doc["fallback_reason"]
+        assert doc["test"]["fused"]["accuracy"] == doc["test"]["rgb"]["accuracy"] == 1.0
+
+    def test_recall_floor_becomes_the_goal(self, tmp_path):
+        run = make_run(tmp_path / "run", _complementary)
+        model = fuse_run(run, min_recall=0.95)
+        assert model.goal == "recall" and model.min_recall == 0.95
+
+    def test_several_runs_give_a_simplex_ensemble_of_all_streams(self, tmp_path):
+        a = make_run(tmp_path / "a", _complementary, seed=0)
+        b = make_run(tmp_path / "b", _perfect_and_noise, seed=0)
+        weights = fuse_run([a, b])
+        assert load_ensemble(a / "ensemble.json") == weights
+        assert set(weights.members) == {"a/rgb", "a/flow", "b/rgb", "b/flow"}
+        assert sum(weights.weights) == pytest.approx(1.0) and min(weights.weights) >= 0
+
+    def test_run_without_both_streams(self, tmp_path):
+        run = make_run(tmp_path / "run", _complementary, streams=("rgb",))
+        with pytest.raises(ValueError, match="no trained flow stream"):
+            fuse_run(run)
+        with pytest.raises(FileNotFoundError):
+            check_run(tmp_path / "missing")
+
+    def test_single_class_validation(self, tmp_path):
+        def one_class(n, seed):
+            return np.ones(n, int), {"rgb": np.linspace(-1, 1, n), "flow": np.linspace(1, -1, n)}
+
+        run = make_run(tmp_path / "run", one_class, n_val=10, n_test=10)
+        with pytest.raises(ValueError, match="only violent videos"):
+            fuse_run(run)
+
+    @pytest.mark.parametrize("k", [0, -2])
+    def test_tta_below_one(self, tmp_path, k):
+        run = make_run(tmp_path / "run", _complementary, n_val=20, n_test=20)
+        with pytest.raises(ValueError, match="--tta must be at least 1"):
+            fuse_run(run, tta=k)
+
+
+def test_evaluate_writes_every_artefact(tmp_path):
+    run = make_run(tmp_path / "run", _complementary)
+    result = evaluate_run(run)
+    eval_dir = run / "eval"
+    for name in ("metrics.json", "report.md", "roc.png", "pr.png", "confusion.png", "predictions.csv"):
+        assert (eval_dir / name).stat().st_size > 0, name
+    doc = json.loads((eval_dir / "metrics.json").read_text())
+    assert set(doc["models"]) == {"rgb", "flow", "fused"}
+    assert doc["accuracy"] == doc["models"]["fused"]["accuracy"] == result["metrics"]["fused"]["accuracy"]
+    assert doc["tta"] == 1 and "tsn" in doc["comparison"]["test"]
+    assert doc["models"]["fused"]["threshold"] == pytest.approx(load_fusion(run / "fusion.json").threshold)
+    header = (eval_dir / "predictions.csv").read_text().splitlines()[0]
+    assert header == "video_id,label,rgb_probability,flow_probability,fused_probability,predicted"
+    assert "fused" in (eval_dir / "report.md").read_text()
+
+
+# --- TTA over a real (tiny) model ---------------------------------------------------------------
+
+SIDE = 32
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A store and a run whose streams are untrained tiny models, with predictions of view 0."""
+    root = tmp_path_factory.mktemp("tta_run")
+    store = root / "store.h5"
+    rng = np.random.default_rng(0)
+    ids = {"val": _ids(4, "val-"), "test": _ids(4, "test-")}
+    with StoreWriter(store, flow_codec="float16") as w:
+        for split, vids in ids.items():
+            for i, vid in enumerate(vids):
+                rgb = rng.integers(0, 255, (7, SIDE, SIDE, 3), dtype=np.uint8)
+                flow = rng.normal(0, 3, (6, SIDE, SIDE, 2)).astype(np.float32)
+                w.write(vid, rgb, flow, dict(label=i % 2, group=vid, split=split, source_path=f"/{vid}.mp4",
+                                             source_fps=10.0, source_size=[SIDE, SIDE], flow_method="synthetic"))
+    cfg = resolve_run_config(None, {"train": {"steps": 3, "stage": "finetune", "seed": 3},
+                                    "model": {"backbone": "resnet50", "flow_stack": 2, "lstm_layers": 1,
+                                              "lstm_hidden": 8, "attention_heads": 2, "dense_units": [8, 4]}})
+    run = root / "run"
+    clip = ClipConfig(steps=3, flow_stack=2)
+    for stream in ("rgb", "flow"):
+        rd = RunDir(run, stream)
+        rd.path.mkdir(parents=True)
+        rd.write_config(cfg, {"stream": stream, "store": str(store)})
+        model = build_model(cfg, stream).eval()
+        rd.save_checkpoint("best", {"stage": 2, "module": "model", "model": model.state_dict(), "epoch": 0})
+        for split, vids in ids.items():
+            ds = ClipDataset(store, vids, stream, clip)
+            with torch.inference_mode():
+                logits = model(torch.stack([ds[i]["clip"] for i in range(len(ds))])).numpy()
+            rd.write_predictions(split, vids, [i % 2 for i in range(len(vids))], logits)
+    return run, store, cfg
+
+
+def test_tta_recomputes_views_from_the_checkpoint(trained):
+    run, store, cfg = trained
+    plain = stream_predictions(run, "flow", "test", tta=1)
+    two = stream_predictions(run, "flow", "test", tta=2)
+    rows = (run / "flow" / "predictions_test_tta2.csv").read_text().splitlines()
+    assert rows[0].endswith(",view") and len(rows) == 1 + 2 * 4
+    # View 0 of the TTA rows is the clip the run's own predictions came from.
+    view0 = {r.split(",")[0]: float(r.split(",")[2]) for r in rows[1:] if r.endswith(",0")}
+    np.testing.assert_allclose([view0[v] for v in plain.video_ids], plain.logits, atol=1e-4)
+    # The TTA prediction is the mean logit of the plain and the mirrored clip.
+    view1 = {r.split(",")[0]: float(r.split(",")[2]) for r in rows[1:] if r.endswith(",1")}
+    expected = [(view0[v] + view1[v]) / 2 for v in two.video_ids]
+    np.testing.assert_allclose(two.logits, expected, atol=1e-9)
+    assert not np.allclose(list(view0.values()), list(view1.values()))
+    assert tta_views(2)[1].flip
+
+
+def test_evaluate_with_tta_uses_views_on_val_and_test(trained):
+    run, _, _ = trained
+    result = evaluate_run(run, tta=2)
+    assert result["tta"] == 2
+    for stream in ("rgb", "flow"):
+        for split in ("val", "test"):
+            assert (run / stream / f"predictions_{split}_tta2.csv").is_file()
+    assert json.loads((run / "eval" / "metrics.json").read_text())["tta"] == 2
+
+
+def test_cv_refuses_more_folds_than_groups(trained):
+    _, store, _ = trained
+    with pytest.raises(ValueError, match="more than the 8 source recordings"):
+        cross_validate(store, folds=9, out=store.parent / "cv")
