@@ -145,9 +145,11 @@ def main() -> None:
         return
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    tmp = Path(tempfile.mkdtemp(prefix="loader_bench_"))
-    store_path = Path(args.store) if args.store else build_store(tmp, args.data, args.videos, args.size, args.fps,
-                                                                     args.source_side)
+    if args.store:
+        store_path = Path(args.store)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="loader_bench_"))
+        store_path = build_store(tmp, args.data, args.videos, args.size, args.fps, args.source_side)
     store = Store(store_path)
     ids = store.video_ids[: args.videos] if args.videos else store.video_ids
     frames = [store.num_frames(v) for v in ids]

@@ -136,38 +136,45 @@ def main() -> None:
     p.add_argument("--stage2-size", type=int, default=64, help="frame side for stage 2 (VGG19 takes >= 32)")
     p.add_argument("--stage2-steps", type=int, default=4, help="T for stage 2")
     p.add_argument("--stage2-batch", type=int, default=2, help="clips per stage-2 step")
-    p.add_argument("--stage2-batches", type=int, default=2, help="timed stage-2 steps (0 skips stage 2)")
+    p.add_argument("--stage2-batches", type=int, default=2, help="timed stage-2 steps")
+    p.add_argument("--stages", default="1,2", help="which rows to run: 1 (head), 2 (end to end) or 1,2")
     args = p.parse_args()
     device = resolve_device(args.device)
     threads = [int(t) for t in args.threads.split(",")] if device.type == "cpu" else [torch.get_num_threads()]
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_features(Path(tmp) / "features.h5", args.videos, args.steps, args.dim)
-        ds = FeatureDataset(path, train=True)
-        rss0 = peak_rss_mb()
-        bank = FeatureBank(ds)
-        print(f"stage 1: {args.videos} videos, T={args.steps}, D={args.dim}, batch {args.batch}, device {device}; "
-              f"FeatureBank {FeatureBank.nbytes(ds) / 2**20:.0f} MiB (peak RSS {rss0:.0f} -> {peak_rss_mb():.0f} MiB)")
-        print(f"{'threads':>7}  {'input':<22} {'LSTM':<6} {'AdamW':<9} {'clips/s':>8} {'CPU ms/clip':>12}")
-        # Plain PyTorch first, then one lever at a time; the last row is what the trainer runs.
-        variants = [("DataLoader (per item)", None, False, False), ("FeatureBank (memory)", bank, False, False),
-                    ("FeatureBank (memory)", bank, True, False), ("FeatureBank (memory)", bank, True, True)]
-        if device.type != "cpu":  # cuDNN's LSTM beats a Python time loop on a GPU
-            variants = [v for v in variants if not v[2]] + [("FeatureBank (memory)", bank, False, True)]
-        for n in threads:
-            torch.set_num_threads(n)
-            for name, b, fused, fused_adam in variants:
-                row = head_row(ds, b, fused, fused_adam, args, device)
-                print(f"{n:>7}  {name:<22} {'fused' if fused else 'torch':<6} "
-                      f"{'fused' if fused_adam else 'foreach':<9} {row['clips_per_s']:>8.1f} "
-                      f"{row['cpu_ms_per_clip']:>12.2f}", flush=True)
-    if args.stage2_batches > 0:
-        torch.set_num_threads(max(threads))
+    stages = {int(v) for v in args.stages.split(",")}
+    if 1 in stages:
+        with tempfile.TemporaryDirectory() as tmp:
+            head_rows(Path(tmp), threads, args, device)
+    if 2 in stages:
+        torch.set_num_threads(threads[0])
         row = stage2_row(args, device)
         print(f"stage 2: VGG19 + head end to end at {args.stage2_size}x{args.stage2_size}, T={args.stage2_steps}, "
               f"batch {args.stage2_batch}, {torch.get_num_threads()} threads: {row['frames_per_s']:.1f} frames/s "
-              f"({row['clips_per_s']:.2f} clips/s)")
-    print(f"peak RSS: {peak_rss_mb():.0f} MiB")
+              f"({row['clips_per_s']:.2f} clips/s); peak RSS {peak_rss_mb():.0f} MiB")
+
+
+def head_rows(tmp: Path, threads: list[int], args, device: torch.device) -> None:
+    """The stage-1 table: plain PyTorch first, then one lever at a time; the last row is the trainer's."""
+    path = write_features(tmp / "features.h5", args.videos, args.steps, args.dim)
+    ds = FeatureDataset(path, train=True)
+    rss0 = peak_rss_mb()
+    bank = FeatureBank(ds)
+    print(f"stage 1: {args.videos} videos, T={args.steps}, D={args.dim}, batch {args.batch}, device {device}; "
+          f"FeatureBank {FeatureBank.nbytes(ds) / 2**20:.0f} MiB (peak RSS {rss0:.0f} -> {peak_rss_mb():.0f} MiB)")
+    print(f"{'threads':>7}  {'input':<22} {'LSTM':<6} {'AdamW':<9} {'clips/s':>8} {'CPU ms/clip':>12}")
+    variants = [("DataLoader (per item)", None, False, False), ("FeatureBank (memory)", bank, False, False),
+                ("FeatureBank (memory)", bank, True, False), ("FeatureBank (memory)", bank, True, True)]
+    if device.type != "cpu":  # cuDNN's LSTM beats a Python time loop on a GPU
+        variants = [v for v in variants if not v[2]] + [("FeatureBank (memory)", bank, False, True)]
+    for n in threads:
+        torch.set_num_threads(n)
+        for name, b, fused, fused_adam in variants:
+            row = head_row(ds, b, fused, fused_adam, args, device)
+            print(f"{n:>7}  {name:<22} {'fused' if fused else 'torch':<6} "
+                  f"{'fused' if fused_adam else 'foreach':<9} {row['clips_per_s']:>8.1f} "
+                  f"{row['cpu_ms_per_clip']:>12.2f}", flush=True)
+    print(f"stage 1 peak RSS: {peak_rss_mb():.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -78,12 +78,12 @@ def train(
     devices: Annotated[str | None, typer.Option(
         help="auto, cpu or cuda:N; for --stream both one per stream, e.g. cuda:0,cuda:1 or cpu,cpu.")] = None,
     config: Annotated[Path | None, typer.Option(
-        "--config", help="TOML with [train] [model] [loss] [optim] [augment] tables; options override it.")] = None,
+        "--config", help="TOML with train, model, loss, optim and augment tables; options override it.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a stopped run from OUT/<stream>/last.pt.")] = False,
     stage: Annotated[StageChoice | None, typer.Option(
         help="head: on cached features; finetune: end to end; both: head, then end to end.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs of every stage that runs.")] = None,
-    finetune_epochs: Annotated[int | None, typer.Option(help="Epochs of the end-to-end stage (after --epochs).")] = None,
+    finetune_epochs: Annotated[int | None, typer.Option(help="Epochs of the end-to-end stage (overrides --epochs there).")] = None,
     fold: Annotated[str | None, typer.Option(help="k/K: cross-validation round k (from 0) of K, by group.")] = None,
     split: Annotated[SplitChoice | None, typer.Option(
         help="store: the store's train/val/test; auto: a fresh split by group and label.")] = None,

@@ -3,10 +3,23 @@
 Layout of a store file:
 
     /                         attrs: schema_version, created_at, created_with, + the writer's root_attrs
-    /videos/<video_id>/       attrs: as written + flow_codec, flow_bound, num_frames, flow_nbytes
-        rgb                   (T, H, W, 3) uint8, one chunk per frame, deflate
+    /videos/<video_id>/       attrs: as written + rgb_codec, flow_codec, flow_bound, num_frames,
+                              flow_nbytes
+        rgb                   T frames: (T,) JPEG byte strings for rgb_codec "jpeg", (T, H, W, 3)
+                              uint8 with one deflated chunk per frame for "raw"; reads as
+                              (T, H, W, 3) uint8 RGB either way
         flow                  T-1 fields: (T-1, H, W, 2) for array codecs, (T-1,) byte strings for
                               stream codecs (see data.flowcodec); decodes to (T-1, H, W, 2) float32
+
+RGB codecs: "jpeg" (default) keeps each frame as a quality-95 JPEG, about 22 KB for a 224x224
+CCTV frame against about 110 KB deflated, at a round-trip PSNR near 43 dB, and decodes about
+twice as fast as deflate inflates (benchmarks/loader_bench.py). "raw" keeps the exact pixels.
+Stores written before the codec was recorded have no rgb_codec attr and read as raw.
+
+Reads take any index form. h5py's own selection of scattered rows of a chunked, compressed
+dataset is pathologically slow (hundreds of ms for 16 frames), so the store reads the sorted
+unique rows as runs of consecutive rows, each one slice, the byte-string payloads of a stream
+codec in one read, decodes each wanted frame once and fans the result out to the order asked.
 
 HDF5 is not crash-safe: a process killed inside a write can leave the whole file unreadable. So
 the main file is never modified in place. Each video is written to its own file in the sibling
@@ -29,13 +42,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+import cv2
 import h5py
 import numpy as np
 
@@ -52,8 +69,15 @@ SCHEMA_VERSION = 1
 # Provenance every video must carry (DESIGN.md "Store"); write() refuses attrs without them.
 REQUIRED_ATTRS = ("label", "group", "source_path", "source_fps", "source_size", "flow_method")
 # Written by the store itself next to the caller's attrs.
-STORE_ATTRS = ("flow_codec", "flow_bound", "num_frames", "flow_nbytes")
-RGB_HDF5 = dict(compression="gzip", compression_opts=4)  # deflate 4: most of 9's ratio, far faster
+STORE_ATTRS = ("rgb_codec", "flow_codec", "flow_bound", "num_frames", "flow_nbytes")
+# Store attrs that stores written by earlier versions lack; their absence has a meaning.
+_OPTIONAL_STORE_ATTRS = ("rgb_codec",)  # absent: "raw"
+RGB_CODECS = ("jpeg", "raw")
+DEFAULT_RGB_CODEC = "jpeg"
+RGB_JPEG_QUALITY = 95  # ~43 dB PSNR on real CCTV frames at a fifth of the deflated bytes
+RGB_HDF5 = dict(
+    compression="gzip", compression_opts=4
+)  # "raw": deflate 4, most of 9's ratio, far faster
 _STREAM_CHUNK = 64  # byte-string references per chunk; the payloads themselves live in the heap
 _MAX_OPEN_FILES = 64  # part files kept open per reader process (an unfinalized store has many)
 _JSON_KEYS = "_json_keys"  # attr listing the keys whose values were stored as JSON text
@@ -247,6 +271,101 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+# --- rgb codec ---------------------------------------------------------------------------------
+
+
+def _check_rgb_codec(name: object) -> str:
+    if name not in RGB_CODECS:
+        raise ValueError(f"unknown rgb codec {name!r} (choose from {', '.join(RGB_CODECS)})")
+    return str(name)
+
+
+def _object_array(items: Sequence[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(items), dtype=object)  # (N,) of 1-D uint8, the shape h5py writes as vlen
+    for i, item in enumerate(items):  # element-wise: equal-length items would broadcast to 2-D
+        out[i] = item
+    return out
+
+
+def _jpeg_encode(frames: np.ndarray) -> list[np.ndarray]:
+    """(N, H, W, 3) uint8 RGB -> N JPEG byte strings (1-D uint8)."""
+    params = [cv2.IMWRITE_JPEG_QUALITY, RGB_JPEG_QUALITY]
+    out = []
+    for frame in frames:
+        ok, buf = cv2.imencode(
+            ".jpg", cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2BGR), params
+        )  # OpenCV writes BGR
+        if not ok:
+            raise RuntimeError("OpenCV failed to encode a JPEG image")
+        out.append(buf.ravel())
+    return out
+
+
+def encode_rgb(rgb: np.ndarray, threads: int = 1) -> np.ndarray:
+    """JPEG-encode frames, spread over `threads` threads. Shape: (T, H, W, 3) uint8 -> (T,) object."""
+    chunks = np.array_split(rgb, max(1, min(threads, len(rgb))))
+    if len(chunks) == 1:
+        return _object_array(_jpeg_encode(rgb))
+    # OpenCV's encoders release the GIL, so threads scale with cores.
+    with ThreadPoolExecutor(len(chunks)) as pool:
+        parts = list(pool.map(_jpeg_encode, chunks))
+    return _object_array([payload for part in parts for payload in part])
+
+
+def _jpeg_decode_into(payloads: Sequence[np.ndarray], out: np.ndarray, rows: Iterable[int]) -> None:
+    for i in rows:
+        # IMREAD_COLOR_RGB has libjpeg emit RGB directly: no BGR image to reorder afterwards.
+        img = cv2.imdecode(np.asarray(payloads[i], np.uint8), cv2.IMREAD_COLOR_RGB)
+        if img is None or img.shape != out.shape[1:]:
+            raise ValueError(
+                "corrupt rgb payload: the JPEG does not decode to the video's frame size"
+            )
+        out[i] = img
+
+
+_MIN_FRAMES_PER_THREAD = 4  # below this a thread's hand-off costs more than it saves
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (pid, threads) -> decoding pool
+
+
+def _decode_pool(threads: int) -> ThreadPoolExecutor:
+    key = (os.getpid(), threads)
+    pool = _pools.get(key)
+    if pool is None:
+        # A forked child inherits the parent's pools without their threads: never reuse those.
+        for stale in [k for k in _pools if k[0] != key[0]]:
+            del _pools[stale]
+        pool = _pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="store-decode")
+    return pool
+
+
+def decode_rgb(payloads: Sequence[np.ndarray], threads: int = 1) -> np.ndarray:
+    """Decode JPEG payloads of one video. Shape: (N,) -> (N, H, W, 3) uint8 RGB."""
+    if len(payloads) == 0:
+        raise ValueError("decode_rgb needs at least one payload (the frame size comes from it)")
+    first = cv2.imdecode(np.asarray(payloads[0], np.uint8), cv2.IMREAD_COLOR_RGB)
+    if first is None:
+        raise ValueError("corrupt rgb payload: the JPEG does not decode")
+    out = np.empty((len(payloads), *first.shape), np.uint8)
+    out[0] = first
+    n = len(payloads)
+    k = min(threads, (n - 1) // _MIN_FRAMES_PER_THREAD)
+    if k <= 1:
+        _jpeg_decode_into(payloads, out, range(1, n))
+    else:
+        # cv2.imdecode releases the GIL; each thread fills every k-th frame of `out`.
+        jobs = [range(1 + j, n, k) for j in range(k)]
+        list(_decode_pool(k).map(lambda rows: _jpeg_decode_into(payloads, out, rows), jobs))
+    return out
+
+
+def _default_decode_threads() -> int:
+    # DataLoader workers already keep every core busy with one clip each; threads would contend.
+    data = sys.modules.get("torch.utils.data")
+    if data is not None and data.get_worker_info() is not None:
+        return 1
+    return min(4, os.cpu_count() or 1)
+
+
 # --- locking -----------------------------------------------------------------------------------
 
 
@@ -315,10 +434,25 @@ def _check_attrs(attrs: dict) -> None:
         raise ValueError(f"video label must be an integer, got {attrs['label']!r}") from None
 
 
+def _write_payloads(group: h5py.Group, name: str, payloads: np.ndarray) -> h5py.Dataset:
+    """A (N,) variable-length uint8 dataset holding one byte string per frame or field."""
+    ds = group.create_dataset(
+        name,
+        shape=(len(payloads),),
+        dtype=h5py.vlen_dtype(np.uint8),
+        chunks=(min(len(payloads), _STREAM_CHUNK),),
+    )
+    # The low-level write takes the (N,) object array as is; h5py's ds[...] = payloads would
+    # first fuse equal-length payloads (a static camera) into a 2-D array and fail.
+    ds.id.write(h5py.h5s.ALL, h5py.h5s.ALL, payloads)
+    return ds
+
+
 def _write_video(
     videos: h5py.Group,
     video_id: str,
     rgb: np.ndarray,
+    rgb_stored: np.ndarray | None,
     stored: np.ndarray,
     codec: Codec,
     bound: float,
@@ -326,17 +460,12 @@ def _write_video(
 ) -> None:
     t, h, w, _ = rgb.shape
     group = videos.create_group(video_id)
-    group.create_dataset("rgb", data=rgb, chunks=(1, h, w, 3), **RGB_HDF5)
+    if rgb_stored is None:
+        group.create_dataset("rgb", data=rgb, chunks=(1, h, w, 3), **RGB_HDF5)
+    else:
+        _write_payloads(group, "rgb", rgb_stored)
     if codec.stream:
-        ds = group.create_dataset(
-            "flow",
-            shape=(t - 1,),
-            dtype=h5py.vlen_dtype(np.uint8),
-            chunks=(min(t - 1, _STREAM_CHUNK),),
-        )
-        # The low-level write takes the (T-1,) object array as is; h5py's ds[...] = stored would
-        # first fuse equal-length payloads (a static camera) into a 2-D array and fail.
-        ds.id.write(h5py.h5s.ALL, h5py.h5s.ALL, stored)
+        ds = _write_payloads(group, "flow", stored)
         group.file.flush()
         nbytes = sum(int(b.size) for b in stored) + ds.id.get_storage_size()
     else:
@@ -344,7 +473,11 @@ def _write_video(
         group.file.flush()
         nbytes = ds.id.get_storage_size()
     extra = dict(
-        flow_codec=codec.name, flow_bound=float(bound), num_frames=int(t), flow_nbytes=int(nbytes)
+        rgb_codec="raw" if rgb_stored is None else "jpeg",
+        flow_codec=codec.name,
+        flow_bound=float(bound),
+        num_frames=int(t),
+        flow_nbytes=int(nbytes),
     )
     _put_attrs(group, {**attrs, **extra})
 
@@ -367,6 +500,7 @@ class StoreWriter:
         path: str | Path,
         *,
         flow_codec: str = DEFAULT_CODEC,
+        rgb_codec: str = DEFAULT_RGB_CODEC,
         bound: float = 20.0,
         root_attrs: dict | None = None,
         threads: int | None = None,
@@ -374,6 +508,7 @@ class StoreWriter:
         self.path = Path(path)
         # Encoding qwebp costs more CPU than anything else in write(); None: up to 4 cores.
         self.threads = threads if threads is not None else min(4, os.cpu_count() or 1)
+        self.rgb_codec = _check_rgb_codec(rgb_codec)
         self.codec = get_codec(flow_codec)
         self.bound = float(bound)
         encode(np.zeros((1, 1, 1, 2), np.float32), self.codec, self.bound)  # bad bound: fail now
@@ -434,6 +569,7 @@ class StoreWriter:
         header.update(
             schema_version=SCHEMA_VERSION,
             created_with=_created_with(),
+            rgb_codec=self.rgb_codec,
             flow_codec=self.codec.name,
             flow_bound=self.bound,
         )
@@ -458,13 +594,21 @@ class StoreWriter:
         _check_video(rgb, flow)
         _check_attrs(attrs)
         stored = encode(flow, self.codec, self.bound, threads=self.threads)
+        rgb_stored = encode_rgb(rgb, self.threads) if self.rgb_codec == "jpeg" else None
         self._parts.mkdir(exist_ok=True)
         tmp = self._parts / f".{uuid.uuid4().hex}.tmp"
         try:
             with h5py.File(tmp, "w") as f:
                 f.attrs["schema_version"] = SCHEMA_VERSION
                 _write_video(
-                    f.create_group("videos"), video_id, rgb, stored, self.codec, self.bound, attrs
+                    f.create_group("videos"),
+                    video_id,
+                    rgb,
+                    rgb_stored,
+                    stored,
+                    self.codec,
+                    self.bound,
+                    attrs,
                 )
             _commit(tmp, self._parts / _part_name(video_id))
         finally:
@@ -528,16 +672,22 @@ class StoreWriter:
 # --- reading -----------------------------------------------------------------------------------
 
 
-def _read_rows(ds: h5py.Dataset, index: object) -> tuple[object, bool]:
-    """Rows of `ds` picked by a slice, an int, or a sequence of ints (any order, repeats allowed).
+@dataclass(frozen=True)
+class _Selection:
+    """Which rows of a (N, ...) dataset to read for an index, and how to hand them back."""
 
-    Returns the rows and whether `index` was a scalar (numpy drops that axis).
-    """
-    n = ds.shape[0]
+    rows: slice | np.ndarray  # a forward slice, or sorted unique row numbers (not one run)
+    count: int  # rows read
+    inverse: np.ndarray | None  # read rows -> asked order (repeats allowed); None: as read
+    scalar: bool  # an int index: drop the leading axis
+
+
+def _select(n: int, index: object) -> _Selection:
+    """Rows of a dataset of `n` rows picked by a slice, an int, or ints (any order, repeats allowed)."""
     if isinstance(index, slice):
         start, stop, step = index.indices(n)
-        if step > 0:
-            return ds[start:stop:step], False
+        if step == 1 or (step > 0 and stop - start <= 1):
+            return _Selection(slice(start, max(start, stop)), max(0, stop - start), None, False)
         index = np.arange(start, stop, step)
     idx = np.asarray(index)
     scalar = idx.ndim == 0
@@ -550,14 +700,66 @@ def _read_rows(ds: h5py.Dataset, index: object) -> tuple[object, bool]:
         raise IndexError(f"frame index {int(idx[bad][0])} is out of range for {n} rows")
     idx = np.where(idx < 0, idx + n, idx)
     if idx.size == 0:
-        return ds[0:0], scalar
-    # h5py reads only increasing, unique selections; read those and fan out.
+        return _Selection(slice(0, 0), 0, None, scalar)
     uniq, inverse = np.unique(idx, return_inverse=True)
+    # Already sorted and unique (a uniform clip of a long video): no reordering copy needed.
+    in_order = uniq.size == idx.size and bool(np.all(idx[1:] > idx[:-1]))
+    fan_out = None if in_order else inverse.reshape(-1)
     if uniq[-1] - uniq[0] + 1 == uniq.size:
-        rows = ds[int(uniq[0]) : int(uniq[-1]) + 1]
+        return _Selection(slice(int(uniq[0]), int(uniq[-1]) + 1), int(uniq.size), fan_out, scalar)
+    return _Selection(uniq, int(uniq.size), fan_out, scalar)
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of each run of consecutive numbers in sorted unique `rows`."""
+    cuts = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], cuts])
+    stops = np.concatenate([cuts, [len(rows)]])
+    return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops, strict=True)]
+
+
+def _read_array(ds: h5py.Dataset, sel: _Selection) -> np.ndarray:
+    """The selected rows of a chunked array dataset, each run of consecutive rows one slice."""
+    if isinstance(sel.rows, slice):
+        return ds[sel.rows]
+    out = np.empty((sel.count, *ds.shape[1:]), ds.dtype)
+    at = 0
+    for start, stop in _runs(sel.rows):
+        ds.read_direct(out, np.s_[start:stop], np.s_[at : at + stop - start])
+        at += stop - start
+    return out
+
+
+def _read_payloads(ds: h5py.Dataset, sel: _Selection) -> np.ndarray:
+    """The selected byte strings of a (N,) variable-length dataset, in one read. Shape: (count,)."""
+    out = np.empty(sel.count, dtype=ds.dtype)
+    if sel.count == 0:
+        return out
+    space = ds.id.get_space()
+    if isinstance(sel.rows, slice):
+        space.select_hyperslab((sel.rows.start,), (sel.count,))
     else:
-        rows = ds[uniq]
-    return rows[inverse], scalar
+        space.select_none()
+        for start, stop in _runs(sel.rows):
+            space.select_hyperslab((start,), (stop - start,), op=h5py.h5s.SELECT_OR)
+    ds.id.read(h5py.h5s.create_simple((sel.count,)), space, out)
+    return out
+
+
+def _hand_back(rows: np.ndarray, sel: _Selection) -> np.ndarray:
+    rows = rows if sel.inverse is None else rows[sel.inverse]
+    return rows[0] if sel.scalar else rows
+
+
+@dataclass(frozen=True)
+class _VideoMeta:
+    """What reading a video needs from its attrs, read once per process (attrs reads are slow)."""
+
+    rgb_codec: str  # "jpeg" or "raw"
+    flow_codec: str | None  # None where the attr is missing (validate reports it)
+    flow_bound: float | None  # px; None: not recorded
+    num_frames: int
+    label: int | None
 
 
 class Store:
@@ -565,10 +767,15 @@ class Store:
 
     Cheap to build and to pickle; files open on first access in each process (DataLoader
     workers), so a Store made in the parent can be handed to spawned or forked workers.
+    `threads` decode JPEG frames in parallel; None: one inside a DataLoader worker (the workers
+    already fill the cores), else up to 4.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
         self.path = Path(path)
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be at least 1 (or None), got {threads}")
+        self.threads = threads
         if self.path.is_dir():
             raise ValueError(f"{self.path} is a directory, not a store file")
         if not self.path.is_file() and not _parts_dir(self.path).is_dir():
@@ -577,7 +784,7 @@ class Store:
         self._root: dict = {}
         self._files: list[Path] = []  # every file the store is made of, for validate/disk_bytes
         self._problems: list[str] = []  # found while cataloguing
-        self._codecs: dict[str, tuple[str, float]] = {}  # video id -> (flow codec, bound)
+        self._metas: dict[str, _VideoMeta] = {}  # video id -> what reading it needs
         self._handles: OrderedDict[Path, h5py.File] = OrderedDict()
         self._pid = os.getpid()
 
@@ -668,7 +875,7 @@ class Store:
             # an open handle would still show the old one.
             self.close()
             self._catalogue = None
-            self._codecs.clear()
+            self._metas.clear()
             where = self._scan().get(video_id)
             if where is None:
                 raise MissingVideoError(f"video {video_id!r} is not in {self.path}") from None
@@ -692,34 +899,75 @@ class Store:
     def attrs(self, video_id: str) -> dict:
         return _get_attrs(self._group(video_id))
 
+    def _meta(self, video_id: str) -> _VideoMeta:
+        meta = self._metas.get(video_id)
+        if meta is None:
+            group = self._group(video_id)
+            attrs = group.attrs
+            codec, bound, label = (attrs.get(k) for k in ("flow_codec", "flow_bound", "label"))
+            meta = self._metas[video_id] = _VideoMeta(
+                rgb_codec=_plain(attrs.get("rgb_codec", "raw")),  # written before the attr: raw
+                flow_codec=None if codec is None else _plain(codec),
+                flow_bound=None if bound is None else float(bound),
+                num_frames=int(group["rgb"].shape[0]),
+                label=None if label is None else int(label),
+            )
+        return meta
+
     def label(self, video_id: str) -> int:
-        return int(self._group(video_id).attrs["label"])
+        label = self._meta(video_id).label
+        if label is None:
+            raise ValueError(f"video {video_id!r} in {self.path} has no label attr")
+        return label
 
     def num_frames(self, video_id: str) -> int:
-        return int(self._group(video_id)["rgb"].shape[0])
+        return self._meta(video_id).num_frames
+
+    def rgb_codec(self, video_id: str) -> str:
+        """How the video's frames are stored: "jpeg" or "raw"."""
+        return self._meta(video_id).rgb_codec
+
+    def flow_bound(self, video_id: str) -> float:
+        """The bound (px) the video's flow was stored with, else the store's, else TSN's 20."""
+        bound = self._meta(video_id).flow_bound
+        return bound if bound is not None else float(self.root_attrs.get("flow_bound", 20.0))
+
+    def frame_size(self, video_id: str) -> tuple[int, int]:
+        """(H, W) of the video's frames."""
+        group = self._group(video_id)
+        if self._meta(video_id).rgb_codec == "raw":
+            return tuple(group["rgb"].shape[1:3])  # type: ignore[return-value]
+        return self.rgb(video_id, 0).shape[:2]  # a JPEG's size is only known once decoded
 
     # -- data
 
     def rgb(self, video_id: str, index: object = slice(None)) -> np.ndarray:
-        """Frames of a video. Shape: (t, H, W, 3) uint8 ((H, W, 3) for an int index)."""
-        rows, scalar = _read_rows(self._group(video_id)["rgb"], index)
-        return rows[0] if scalar else rows  # type: ignore[index]
+        """Frames of a video in RGB order. Shape: (t, H, W, 3) uint8 ((H, W, 3) for an int index)."""
+        meta = self._meta(video_id)
+        ds = self._group(video_id)["rgb"]
+        sel = _select(ds.shape[0], index)
+        if meta.rgb_codec == "raw":
+            return _hand_back(_read_array(ds, sel), sel)
+        if meta.rgb_codec != "jpeg":
+            raise ValueError(f"video {video_id!r} has unknown rgb codec {meta.rgb_codec!r}")
+        if sel.count == 0:
+            h, w = self.frame_size(video_id) if ds.shape[0] else (0, 0)
+            return np.zeros((0, h, w, 3), np.uint8)
+        threads = self.threads or _default_decode_threads()
+        return _hand_back(decode_rgb(_read_payloads(ds, sel), threads), sel)
 
     def flow(self, video_id: str, index: object = slice(None)) -> np.ndarray:
         """Decoded flow fields of a video. Shape: (t, H, W, 2) float32 px ((H, W, 2) for an int)."""
-        group = self._group(video_id)
-        rows, scalar = _read_rows(group["flow"], index)
-        if len(rows) == 0:  # type: ignore[arg-type]
-            _, h, w, _ = group["rgb"].shape
-            return np.zeros((0, h, w, 2), np.float32)
-        codec = self._codecs.get(video_id)
-        if codec is None:  # attribute reads cost more than decoding a field; read them once
-            codec = self._codecs[video_id] = (
-                _plain(group.attrs["flow_codec"]),
-                float(group.attrs["flow_bound"]),
-            )
-        fields = decode(rows, *codec)
-        return fields[0] if scalar else fields
+        meta = self._meta(video_id)
+        ds = self._group(video_id)["flow"]
+        sel = _select(ds.shape[0], index)
+        if sel.count == 0:
+            return np.zeros((0, *self.frame_size(video_id), 2), np.float32)
+        if meta.flow_codec is None:
+            raise ValueError(f"video {video_id!r} in {self.path} has no flow_codec attr")
+        codec = get_codec(meta.flow_codec)
+        rows = _read_payloads(ds, sel) if codec.stream else _read_array(ds, sel)
+        return _hand_back(decode(rows, codec, self.flow_bound(video_id)), sel)
 
     # -- checks and sizes
 
@@ -748,13 +996,20 @@ class Store:
     def _check_video(self, video_id: str) -> list[str]:
         group = self._group(video_id)
         attrs = _get_attrs(group)
-        problems = [f"missing attr {k!r}" for k in REQUIRED_ATTRS + STORE_ATTRS if k not in attrs]
+        expected = [k for k in REQUIRED_ATTRS + STORE_ATTRS if k not in _OPTIONAL_STORE_ATTRS]
+        problems = [f"missing attr {k!r}" for k in expected if k not in attrs]
         if "rgb" not in group or "flow" not in group:
             return problems + ["missing rgb or flow dataset"]
         rgb, flow = group["rgb"], group["flow"]
-        if rgb.ndim != 4 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
+        codec = attrs.get("rgb_codec", "raw")
+        if codec not in RGB_CODECS:
+            return problems + [f"unknown rgb codec {codec!r}"]
+        if codec == "raw" and (rgb.ndim != 4 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8):
             return problems + [f"rgb is {rgb.shape} {rgb.dtype}, expected (T, H, W, 3) uint8"]
-        t, h, w, _ = rgb.shape
+        if codec == "jpeg" and (rgb.ndim != 1 or h5py.check_vlen_dtype(rgb.dtype) != np.uint8):
+            return problems + [f"rgb is {rgb.shape} {rgb.dtype}, expected (T,) JPEG byte strings"]
+        t = rgb.shape[0]
+        h, w = self.frame_size(video_id) if t else (0, 0)
         if t < 2:
             problems.append(f"{t} frames, expected at least 2")
         if flow.shape[0] != t - 1:
@@ -762,7 +1017,10 @@ class Store:
         if "num_frames" in attrs and attrs["num_frames"] != t:
             problems.append(f"attr num_frames={attrs['num_frames']} but rgb holds {t} frames")
         for start in range(0, t, 16):  # read everything: corrupt chunks only show when decoded
-            rgb[start : start + 16]
+            frames = self.rgb(video_id, slice(start, start + 16))
+            if frames.shape[1:] != (h, w, 3):
+                problems.append(f"frames decode to {frames.shape[1:]}, expected {(h, w, 3)}")
+                break
         if "flow_codec" in attrs and "flow_bound" in attrs:
             get_codec(attrs["flow_codec"])
             for start in range(0, flow.shape[0], 16):

@@ -214,8 +214,18 @@ def _run_network(net: Network, wires: list) -> list:
     return [vals[o] if o >= 0 else None for o in outputs]
 
 
-@functools.lru_cache(maxsize=8)
+_NETWORKS: dict[int, tuple[Network, Network, Network]] = {}
+
+
 def _median_networks(k: int) -> tuple[Network, Network, Network]:
+    """The three networks of `median_filter` for a k x k window, built once per size."""
+    # A plain dict rather than lru_cache: torch.compile traces through this lookup.
+    if k not in _NETWORKS:
+        _NETWORKS[k] = _build_median_networks(k)
+    return _NETWORKS[k]
+
+
+def _build_median_networks(k: int) -> tuple[Network, Network, Network]:
     """The three min/max networks of `median_filter` for a k x k window, pruned back to front.
 
     Each network is (inputs, comparators (i, j, keep_min_at_i, keep_max_at_j), outputs): the

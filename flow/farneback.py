@@ -188,8 +188,7 @@ def _refine(r0: Tensor, r1: Tensor, flow: Tensor, params: FarnebackParams) -> Te
     ys, xs = torch.arange(height, **like), torch.arange(width, **like)
     base = torch.stack(torch.meshgrid(xs, ys, indexing="xy")).unsqueeze(0)  # (1, 2, h, w) x, y
     top = torch.tensor([width - 1, height - 1], **like).view(1, 2, 1, 1)
-    to_unit = 2.0 / torch.tensor([max(width - 1, 1), max(height - 1, 1)], **like).view(1, 2, 1, 1)
-    base_unit = base * to_unit - 1  # grid_sample's [-1, 1] coordinates
+    span = torch.tensor([max(width - 1, 1), max(height - 1, 1)], **like).view(1, 2, 1, 1)
     weight2 = _border_weight(height, width, flow) ** 2  # (h, w)
     radius = params.winsize // 2
     if params.flags & OPTFLOW_FARNEBACK_GAUSSIAN:
@@ -211,7 +210,9 @@ def _refine(r0: Tensor, r1: Tensor, flow: Tensor, params: FarnebackParams) -> Te
         # OpenCV samples R1 bilinearly only where all four neighbours are inside.
         ok = (pos >= 0) & (pos < top)
         inside = (ok[:, 0] & ok[:, 1]).unsqueeze(1)  # (N, 1, h, w)
-        grid = torch.addcmul(base_unit, flow, to_unit).permute(0, 2, 3, 1)  # (N, h, w, 2)
+        # grid_sample's [-1, 1] coordinates, computed as pos / span * 2 - 1: a precomputed
+        # 2 / span or offset grid rounds worse and shifts the samples by up to ~1e-5 px.
+        grid = (pos / span).mul_(2).sub_(1).permute(0, 2, 3, 1)  # (N, h, w, 2)
         r1w = F.grid_sample(r1h, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         t = torch.where(inside, r1w, fallback)  # (N, 5, h, w) -> (db, A) in place
         torch.sub(r0h[:, :2], t[:, :2], out=t[:, :2])
@@ -386,16 +387,25 @@ def _poly_kernels(
 
 
 def _border_weight(height: int, width: int, like: Tensor) -> Tensor:
-    """OpenCV's per-pixel weight of the equations near the image edges. Shape: (h, w)."""
+    """OpenCV's per-pixel weight of the equations near the image edges. Shape: (h, w).
 
-    def axis(length: int) -> Tensor:
+    OpenCV tests "near an edge" with an unsigned comparison, (unsigned)(x - 5) >= (unsigned)(w - 10),
+    which images narrower than 10 px fail for most pixels; those keep weight 1, and we follow.
+    """
+    size = len(_BORDER_WEIGHTS)
+
+    def axis(length: int) -> tuple[list[float], list[bool]]:
         w = [1.0] * length
-        for i, value in enumerate(_BORDER_WEIGHTS[: min(len(_BORDER_WEIGHTS), length)]):
+        for i, value in enumerate(_BORDER_WEIGHTS[: min(size, length)]):
             w[i] *= value
             w[length - 1 - i] *= value
-        return torch.tensor(w, dtype=like.dtype, device=like.device)
+        near = [(i - size) % 2**32 >= (length - 2 * size) % 2**32 for i in range(length)]
+        return w, near
 
-    return axis(height)[:, None] * axis(width)[None, :]
+    (wy, near_y), (wx, near_x) = axis(height), axis(width)
+    weight = torch.tensor(wy, dtype=torch.float64)[:, None] * torch.tensor(wx, dtype=torch.float64)[None, :]
+    near = torch.tensor(near_y)[:, None] | torch.tensor(near_x)[None, :]
+    return torch.where(near, weight, 1.0).to(dtype=like.dtype, device=like.device)
 
 
 def _level_count(height: int, width: int, params: FarnebackParams) -> int:

@@ -11,6 +11,7 @@ squared update falls below epsilon^2.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,15 +60,16 @@ class TVL1Params:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"TV-L1 {name} must be > 0, got {getattr(self, name)}")
-        for name in ("nscales", "warps", "inner_iterations", "outer_iterations"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"TV-L1 {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("nscales", "warps", "inner_iterations", "outer_iterations", "median_filtering"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value or value < 1:
+                raise ValueError(f"TV-L1 {name} must be an integer >= 1, got {value!r}")
         if not 0.0 < self.scale_step < 1.0:
             raise ValueError(f"TV-L1 scale_step must be in (0, 1), got {self.scale_step}")
         if self.gamma < 0:
             raise ValueError(f"TV-L1 gamma must be >= 0, got {self.gamma}")
-        if self.median_filtering < 1 or self.median_filtering % 2 == 0:
-            raise ValueError(f"TV-L1 median_filtering must be an odd size >= 1, got {self.median_filtering}")
+        if self.median_filtering % 2 == 0:
+            raise ValueError(f"TV-L1 median_filtering must be odd (1 = off), got {self.median_filtering}")
 
 
 def tvl1(prev: Tensor, nxt: Tensor, params: TVL1Params = TVL1Params()) -> Tensor:
@@ -78,22 +80,21 @@ def tvl1(prev: Tensor, nxt: Tensor, params: TVL1Params = TVL1Params()) -> Tensor
     Device follows the input; float32/float64 are kept, other dtypes are computed in float32 and
     half precision is cast back.
     """
-    return TVL1(**_param_dict(params))(prev, nxt)
+    return _tvl1(prev, nxt, params)
 
 
 class TVL1:
     """TV-L1 with fixed parameters; keeps the fused (compiled or eager) steps across calls."""
 
     def __init__(self, **params):
+        unknown = sorted(set(params) - set(TVL1Params.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown TV-L1 parameter(s) {', '.join(unknown)}; known: {', '.join(TVL1Params.__dataclass_fields__)}")
         self.params = TVL1Params(**params)
 
     def __call__(self, prev: Tensor, nxt: Tensor) -> Tensor:
         """See `tvl1`."""
-        return _tvl1(prev, nxt, self.params)
-
-
-def _param_dict(params: TVL1Params) -> dict:
-    return {name: getattr(params, name) for name in TVL1Params.__dataclass_fields__}
+        return tvl1(prev, nxt, self.params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +118,7 @@ def _solve(prev: Tensor, nxt: Tensor, p: TVL1Params, sync_every: int | None) -> 
         return prev.new_zeros((0, height, width, 2), dtype=out_dtype)
     if sync_every is None:
         sync_every = _sync_interval(prev.device)
+    _count_work(prev.device, n * height * width)
     images = torch.stack((prev, nxt), 1).to(work)  # (N, 2, H, W): both frames share each op
     sizes = pyramid_sizes(height, width, p.nscales, p.scale_step)
     pyramid = [gaussian_blur(images, _PRESMOOTH)]
@@ -172,6 +174,11 @@ def _solve_level(i0: Tensor, i1: Tensor, u: Tensor, p: TVL1Params, sync_every: i
     return u
 
 
+# Drop converged pairs from the batch (True) or only keep them frozen by the mask (False). Measured
+# by benchmarks/tvl1_compare.py --no-compaction: dropping them is faster (see the report figures).
+_COMPACT = True
+
+
 def _sync_interval(device: torch.device) -> int:
     """Iterations between host reads of the convergence flags.
 
@@ -203,7 +210,7 @@ def _iterate(u: Tensor, px: Tensor, py: Tensor, a: Tensor, inv_grad: Tensor, rho
         if (it + 1) % sync_every and (it + 1) % p.inner_iterations:
             continue
         n_active = int(active.sum())  # the only host read
-        if n_active == active.numel() or it + 1 == total:
+        if n_active == active.numel() or it + 1 == total or (n_active and not _COMPACT):
             continue
         if out is None:
             out = tuple(torch.empty_like(t) for t in (u, px, py))
@@ -262,29 +269,42 @@ def _median_windows(pairs: list, cols: list, ksize: int, u: Tensor, active: Tens
 # ---------------------------------------------------------------------------------------------
 # Fusion: torch.compile where it works, eager where it does not, decided once per device type.
 
-# Levels smaller than this run eagerly: they cost little, and inductor's CPU code for reductions
-# over <= 4096 elements differs, which would mean a second compilation for small images.
+# Levels smaller than this always run eagerly: they cost little, and inductor's CPU code for
+# reductions over <= 4096 elements differs, which would mean a second compilation for small images.
 _COMPILE_MIN_PIXELS = 4096
-_COMPILE_OK: dict[str, bool] = {}  # device type -> torch.compile is used
+# On the CPU the eager steps are within about 1.4x of the compiled ones (224 x 224, batch 8) while
+# a first compilation takes 20-60 s, so a process compiles only once it has solved this many
+# pixels (256 pairs at 224 x 224), when the time saved starts to repay it. Accelerators compile at
+# once: there the eager steps are bound by kernel launches.
+_CPU_COMPILE_AFTER = 256 * 224 * 224
+_MODE: dict[str, str] = {}  # device type -> "compiled" or "eager", decided once per process
+_SOLVED: dict[str, int] = {}  # device type -> pixels solved so far
 _COMPILED: dict[tuple[str, str], Callable] = {}  # (name, device type) -> compiled function
 _PROVEN: set[tuple[str, str]] = set()  # compiled functions that have run once without error
 
 
-def _compile_allowed(device: torch.device) -> bool:
-    if device.type not in _COMPILE_OK:
+def _count_work(device: torch.device, pixels: int) -> None:
+    _SOLVED[device.type] = _SOLVED.get(device.type, 0) + pixels
+
+
+def _use_compiled(device: torch.device) -> bool:
+    """Whether the fused steps are compiled on this device type; decided once, then logged."""
+    if device.type not in _MODE:
         if os.environ.get("TWOSTREAM_NO_COMPILE", "") not in ("", "0"):
-            _COMPILE_OK[device.type] = False
+            _MODE[device.type] = "eager"
             log.info("TV-L1 on %s: eager steps (TWOSTREAM_NO_COMPILE is set)", device.type)
+        elif device.type == "cpu" and _SOLVED.get("cpu", 0) < _CPU_COMPILE_AFTER:
+            return False  # not decided yet: small runs never pay for a compilation
         else:
-            _COMPILE_OK[device.type] = True
-            log.info("TV-L1 on %s: fusing the inner steps with torch.compile", device.type)
-    return _COMPILE_OK[device.type]
+            _MODE[device.type] = "compiled"
+            log.info("TV-L1 on %s: compiling the fused steps with torch.compile", device.type)
+    return _MODE[device.type] == "compiled"
 
 
 def _fused(name: str, fn: Callable, like: Tensor) -> Callable:
     """`fn` compiled for `like`'s device type, or `fn` itself (compilation off, failed, or not worth it)."""
     device = like.device
-    if like.shape[-1] * like.shape[-2] < _COMPILE_MIN_PIXELS or not _compile_allowed(device):
+    if like.shape[-1] * like.shape[-2] < _COMPILE_MIN_PIXELS or not _use_compiled(device):
         return fn
     key = (name, device.type)
     if key not in _COMPILED:
@@ -292,8 +312,8 @@ def _fused(name: str, fn: Callable, like: Tensor) -> Callable:
     compiled = _COMPILED[key]
 
     def call(*args):
-        # One graph for every batch size and level: the batch size may be anything (compaction
-        # goes down to 1) and sizes that happen to be equal must not be tied together.
+        # One graph for every batch size and level: the batch may be any size (compaction goes
+        # down to 1) and sizes that happen to be equal (N = C = 2, H = W) must not be tied.
         for t in _tensors(args):
             torch._dynamo.decorators.mark_unbacked(t, 0)
         with torch.fx.experimental._config.patch(use_duck_shape=False):
@@ -304,7 +324,7 @@ def _fused(name: str, fn: Callable, like: Tensor) -> Callable:
             except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
                 if _is_out_of_memory(exc):
                     raise
-                _COMPILE_OK[device.type] = False
+                _MODE[device.type] = "eager"
                 first = str(exc).splitlines()[0] if str(exc) else ""
                 log.warning("TV-L1 on %s: torch.compile failed (%s: %s); eager steps from now on", device.type, type(exc).__name__, first)
                 return fn(*args)

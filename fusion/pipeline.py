@@ -151,7 +151,12 @@ def run_predictions(
 ) -> tuple[dict[str, Predictions], dict[str, Predictions]]:
     """(val, test) predictions of both streams of a run: stream -> Predictions."""
     run = check_run(run_dir)
-    check_tta(tta)
+    k = check_tta(tta)
+    if k > 1:  # one model load per stream for both splits
+        for s in STREAMS:
+            stale = [split for split in SPLITS if not _fresh(_tta_path(run / s, split, k), run / s / "best.pt")]
+            if stale:
+                _compute_tta(run / s, stale, k, device, batch_size=8)
     val = {s: stream_predictions(run, s, "val", tta, device) for s in STREAMS}
     test = {s: stream_predictions(run, s, "test", tta, device) for s in STREAMS}
     return val, test

@@ -41,6 +41,13 @@ def _perfect_and_noise(n, seed):
     return y, {"rgb": np.where(y == 1, 1.0, -1.0) * (6 + np.abs(rng.normal(0, 1, n))), "flow": rng.normal(0, 1, n)}
 
 
+def _noisy_copy(n, seed):
+    """The labels of `_complementary` with its logits blurred: a weaker second run of the same videos."""
+    y, logits = _complementary(n, seed)
+    rng = np.random.default_rng(seed + 100)
+    return y, {k: v + rng.normal(0, 3, n) for k, v in logits.items()}
+
+
 def make_run(root: Path, make, n_val=400, n_test=600, seed=0, streams=("rgb", "flow")) -> Path:
     """A run folder holding only prediction CSVs, as `twostream train` writes them."""
     for split, n, s in (("val", n_val, seed), ("test", n_test, seed + 1)):
@@ -78,7 +85,7 @@ class TestFuse:
 
     def test_several_runs_give_a_simplex_ensemble_of_all_streams(self, tmp_path):
         a = make_run(tmp_path / "a", _complementary, seed=0)
-        b = make_run(tmp_path / "b", _perfect_and_noise, seed=0)
+        b = make_run(tmp_path / "b", _noisy_copy, seed=0)
         weights = fuse_run([a, b])
         assert load_ensemble(a / "ensemble.json") == weights
         assert set(weights.members) == {"a/rgb", "a/flow", "b/rgb", "b/flow"}
