@@ -1,1 +1,55 @@
 """Videos, dataset layouts, manifests, splits, the HDF5 store, clip datasets and augmentation."""
+
+from __future__ import annotations
+
+import importlib
+
+# Public names and the module that defines each; imported on first use, so that importing the
+# package stays cheap and the packages can use each other without import cycles.
+_EXPORTS = {
+    "read_video": "data.video",
+    "iter_frames": "data.video",
+    "probe": "data.video",
+    "VideoInfo": "data.video",
+    "VideoReadError": "data.video",
+    "Sampling": "data.sampling",
+    "sample_indices": "data.sampling",
+    "ManifestRow": "data.manifest",
+    "read_manifest": "data.manifest",
+    "write_manifest": "data.manifest",
+    "summarize": "data.manifest",
+    "video_id_for": "data.manifest",
+    "index_dataset": "data.layouts",
+    "detect_layout": "data.layouts",
+    "group_kfold": "data.splits",
+    "assign_splits": "data.splits",
+    "fold_split": "data.splits",
+    "SyntheticSpec": "data.synthetic",
+    "generate_dataset": "data.synthetic",
+    "render_clip": "data.synthetic",
+    "write_video": "data.synthetic",
+    "Store": "data.store",
+    "StoreWriter": "data.store",
+    "merge": "data.store",
+    "shard_path": "data.store",
+    "write_index": "data.store",
+    "MissingVideoError": "data.store",
+    "encode": "data.flowcodec",
+    "decode": "data.flowcodec",
+    "get_codec": "data.flowcodec",
+    "ClipConfig": "data.clips",
+    "ClipDataset": "data.clips",
+    "video_ids_for_split": "data.clips",
+    "AugmentConfig": "data.augment",
+    "augment_clip": "data.augment",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

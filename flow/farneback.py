@@ -1,12 +1,13 @@
-"""Farneback (2003) dense optical flow, batched over pairs, as OpenCV's calcOpticalFlowFarneback computes it.
+"""Farneback (2003) dense optical flow on batches of pairs, as cv2.calcOpticalFlowFarneback does.
 
 G. Farneback, "Two-Frame Motion Estimation Based on Polynomial Expansion", SCIA 2003. Each image is
-locally approximated by f(p) ~ p^T A p + b^T p + c (polynomial expansion: separable Gaussian-weighted
-correlations). A displacement d between the two frames satisfies A d = -(b2 - b1) / 2 (eq. 7);
-averaging over a window and iterating over a pyramid gives the flow. Each step follows OpenCV's
-optflowgf.cpp (level count, pre-smoothing, border weights, regularised 2x2 solve), so the same
-parameters give the same flow up to float rounding. All work is elementwise ops, shifted-slice
-sums and one grid_sample per iteration over the whole batch, on any device.
+locally approximated by f(p) ~ p^T A p + b^T p + c (polynomial expansion: separable
+Gaussian-weighted correlations). A displacement d between the frames satisfies
+A d = -(b2 - b1) / 2 (eq. 7); averaging over a window and iterating over a pyramid gives the flow.
+Each step follows OpenCV's optflowgf.cpp (level count, pre-smoothing, border weights, regularised
+2x2 solve), so the same parameters give the same flow up to float rounding. The work is
+elementwise ops, shifted-slice sums and one grid_sample per iteration over the whole batch, on any
+device.
 """
 
 from __future__ import annotations
@@ -30,16 +31,14 @@ _CPU_CHUNK_PIXELS = 1 << 17  # pixels per pass on a CPU (two 224x224 pairs)
 
 @dataclass(frozen=True)
 class FarnebackParams:
-    """cv2.calcOpticalFlowFarneback's parameters; defaults are the set OpenCV's samples and tutorial use."""
+    """cv2.calcOpticalFlowFarneback's parameters; the defaults are the set of OpenCV's tutorial."""
 
     pyr_scale: float = 0.5  # image scale between pyramid levels, in (0, 1)
     levels: int = 3  # pyramid levels above the full image (fewer when a level would be < 32 px)
     winsize: int = 15  # averaging window side; larger = smoother and more robust to noise
     iterations: int = 3  # displacement updates per pyramid level
     poly_n: int = 5  # radius of the polynomial-expansion neighbourhood (OpenCV uses 5 or 7)
-    poly_sigma: float = (
-        1.2  # Gaussian std of the expansion weights (1.1 suits poly_n=5, 1.5 poly_n=7)
-    )
+    poly_sigma: float = 1.2  # std of the expansion weights (OpenCV: 1.1 for poly_n 5, 1.5 for 7)
     flags: int = 0  # 256 = OPTFLOW_FARNEBACK_GAUSSIAN: Gaussian instead of box window
 
     def __post_init__(self):
@@ -65,9 +64,12 @@ def farneback(prev: Tensor, nxt: Tensor, params: FarnebackParams = FarnebackPara
     """Dense flow from `prev` to `nxt` for a batch of grey image pairs.
 
     Shape:
-        prev, nxt (N, H, W) grey levels in [0, 255] -> (N, H, W, 2) pixels, 0 = dx (right), 1 = dy (down).
+        prev, nxt (N, H, W) grey levels in [0, 255] -> (N, H, W, 2) pixels, 0 = dx (right),
+        1 = dy (down).
     Device follows the input; float32 and float64 are kept, other dtypes are computed in float32
-    (squared coefficients overflow half precision) and floating ones cast back.
+    (squared coefficients overflow half precision) and floating ones cast back. On a CPU shared
+    with other busy processes, torch's spinning OpenMP threads can make this >5x slower; one
+    thread (torch.set_num_threads(1)) or OMP_WAIT_POLICY=PASSIVE avoids that.
     """
     _check_pair(prev, nxt)
     out_dtype = prev.dtype if prev.is_floating_point() else torch.float32
@@ -100,9 +102,8 @@ def _farneback_batch(prev: Tensor, nxt: Tensor, params: FarnebackParams) -> Tens
         if flow is None:
             flow = coeffs.new_zeros(n, 2, *size)  # (N, 2, h, w)
         else:
-            flow = F.interpolate(flow, size=size, mode="bilinear", align_corners=False).div_(
-                params.pyr_scale
-            )
+            flow = F.interpolate(flow, size=size, mode="bilinear", align_corners=False)
+            flow.mul_(1.0 / params.pyr_scale)  # a product by 1 / scale, which rounds as OpenCV's
         flow = _refine(coeffs[:n], coeffs[n:], flow, params)
     return flow
 
@@ -279,7 +280,7 @@ def _window_sum(xp: Tensor, radius: int, taps: list[float] | None) -> Tensor:
 
 
 def _box_sum(x: Tensor, length: int, dim: int, size: int) -> Tensor:
-    """Sums of `length` consecutive entries along `dim`, where x has size + length - 1 entries there."""
+    """Sums of `length` consecutive entries along `dim` (x has size + length - 1 entries there)."""
     if length == 1:
         return x.clone()
     parts, offset, span = [], 0, 1
@@ -333,7 +334,7 @@ def _gaussian_kernel(ksize: int, sigma: float) -> list[float]:
 
 
 def _pad_reflect101(x: Tensor, dim: int, pad: int) -> Tensor:
-    """Pad axis `dim` (2 or 3) of (B, C, H, W) by OpenCV's default border: ... 2 1 | 0 1 2 ... | L-2 L-3 ..."""
+    """Pad axis `dim` (2 or 3) of (B, C, H, W) by OpenCV's default border: 2 1 | 0 1 2 .. | L-2."""
     length = x.shape[dim]
     if pad == 0:
         return x
@@ -389,8 +390,8 @@ def _poly_kernels(
 def _border_weight(height: int, width: int, like: Tensor) -> Tensor:
     """OpenCV's per-pixel weight of the equations near the image edges. Shape: (h, w).
 
-    OpenCV tests "near an edge" with an unsigned comparison, (unsigned)(x - 5) >= (unsigned)(w - 10),
-    which images narrower than 10 px fail for most pixels; those keep weight 1, and we follow.
+    OpenCV tests "near an edge" as (unsigned)(x - 5) >= (unsigned)(w - 10), which most pixels of
+    images narrower than 10 px fail; those keep weight 1, and we follow.
     """
     size = len(_BORDER_WEIGHTS)
 
@@ -403,13 +404,16 @@ def _border_weight(height: int, width: int, like: Tensor) -> Tensor:
         return w, near
 
     (wy, near_y), (wx, near_x) = axis(height), axis(width)
-    weight = torch.tensor(wy, dtype=torch.float64)[:, None] * torch.tensor(wx, dtype=torch.float64)[None, :]
+    weight = (
+        torch.tensor(wy, dtype=torch.float64)[:, None]
+        * torch.tensor(wx, dtype=torch.float64)[None, :]
+    )
     near = torch.tensor(near_y)[:, None] | torch.tensor(near_x)[None, :]
     return torch.where(near, weight, 1.0).to(dtype=like.dtype, device=like.device)
 
 
 def _level_count(height: int, width: int, params: FarnebackParams) -> int:
-    """Levels above the full image, stopping before one whose side is below 32 px, as OpenCV does."""
+    """Levels above the full image, stopping before one with a side under 32 px, as OpenCV does."""
     scale = 1.0
     for k in range(params.levels):
         scale *= params.pyr_scale

@@ -1,14 +1,16 @@
 import dataclasses
+import importlib
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-import flow.farneback as fb
 from flow.farneback import Farneback, FarnebackParams, farneback, polynomial_expansion
 from flow.groundtruth import epe, synthetic_pairs, textured_image
 
+# The package exports the function under the module's name, so fetch the module itself.
+fb = importlib.import_module("flow.farneback")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # cv2.FarnebackOpticalFlow_create()'s own defaults, the other parameter set in common use.
 CREATE_DEFAULTS = FarnebackParams(levels=5, winsize=13, iterations=10, poly_sigma=1.1)
@@ -19,7 +21,9 @@ def cv2_flow(prev: np.ndarray, nxt: np.ndarray, params: FarnebackParams) -> np.n
     return np.stack([cv2.calcOpticalFlowFarneback(p, n, None, *args) for p, n in zip(prev, nxt)])
 
 
-def torch_flow(prev: np.ndarray, nxt: np.ndarray, params: FarnebackParams = FarnebackParams()) -> np.ndarray:
+def torch_flow(
+    prev: np.ndarray, nxt: np.ndarray, params: FarnebackParams = FarnebackParams()
+) -> np.ndarray:
     return farneback(torch.from_numpy(prev).float(), torch.from_numpy(nxt).float(), params).numpy()
 
 
@@ -43,7 +47,8 @@ def test_pure_translation_recovered_in_interior(shift):
     dx, dy = shift
     big = textured_image(100, 120, np.random.default_rng(1))
     nxt = big[10:90, 10:110]
-    prev = big[10 + dy : 90 + dy, 10 + dx : 110 + dx]  # prev(x) = nxt(x + d): flow d from prev to nxt
+    # prev(x) = nxt(x + d), so the flow from prev to nxt is d everywhere.
+    prev = big[10 + dy : 90 + dy, 10 + dx : 110 + dx]
     out = torch_flow(prev[None], nxt[None])[0]
     interior = out[12:-12, 12:-12].reshape(-1, 2)
     np.testing.assert_allclose(np.median(interior, 0), [dx, dy], atol=0.05)
@@ -64,7 +69,9 @@ def test_epe_matches_opencv(pairs, params):
         FarnebackParams(),
         CREATE_DEFAULTS,
         FarnebackParams(flags=256),
-        FarnebackParams(poly_n=7, poly_sigma=1.5, winsize=10, pyr_scale=0.6, levels=2, iterations=2),
+        FarnebackParams(
+            poly_n=7, poly_sigma=1.5, winsize=10, pyr_scale=0.6, levels=2, iterations=2
+        ),
     ],
     ids=["tutorial", "create", "gaussian", "poly7-even-window"],
 )
@@ -126,13 +133,21 @@ def test_non_contiguous_inputs(pairs):
 @pytest.mark.parametrize("poly_n, poly_sigma", [(5, 1.1), (7, 1.5), (3, 0.0)])
 def test_polynomial_expansion_recovers_quadratic(poly_n, poly_sigma):
     h, w = 40, 50
-    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    y, x = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
     a, bx, by, cxx, cyy, cxy = 10.0, 0.7, -1.3, 0.05, -0.02, 0.03
     img = a + bx * x + by * y + cxx * x**2 + cyy * y**2 + cxy * x * y
     r = polynomial_expansion(img[None], poly_n, poly_sigma)[0]  # (5, h, w)
     # The local expansion around (x0, y0) of the global quadratic.
     expected = torch.stack(
-        [bx + 2 * cxx * x + cxy * y, by + 2 * cyy * y + cxy * x, torch.full_like(x, cxx), torch.full_like(x, cyy), torch.full_like(x, cxy)]
+        [
+            bx + 2 * cxx * x + cxy * y,
+            by + 2 * cyy * y + cxy * x,
+            torch.full_like(x, cxx),
+            torch.full_like(x, cyy),
+            torch.full_like(x, cxy),
+        ]
     )
     inner = (slice(None), slice(poly_n, h - poly_n), slice(poly_n, w - poly_n))
     torch.testing.assert_close(r[inner], expected[inner], atol=1e-9, rtol=1e-9)
@@ -147,13 +162,21 @@ def test_module_equals_function(pairs):
 
 
 def test_defaults_are_the_tutorial_set():
-    # The set that reproduces OpenCV's published FlyingChairs figure (see benchmarks/farneback_compare.py).
+    # The set that reproduces cv2's reference FlyingChairs EPE (benchmarks/farneback_compare.py).
     assert dataclasses.astuple(FarnebackParams()) == (0.5, 3, 15, 3, 5, 1.2, 0)
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"pyr_scale": 1.0}, {"levels": -1}, {"winsize": 0}, {"iterations": 0}, {"poly_n": 0}, {"poly_sigma": -1.0}, {"flags": 4}],
+    [
+        {"pyr_scale": 1.0},
+        {"levels": -1},
+        {"winsize": 0},
+        {"iterations": 0},
+        {"poly_n": 0},
+        {"poly_sigma": -1.0},
+        {"flags": 4},
+    ],
 )
 def test_bad_params_raise(kwargs):
     with pytest.raises(ValueError):
