@@ -61,6 +61,7 @@ def mean_epe(flows: np.ndarray, gts) -> float:
 
 
 def main() -> None:
+    sys.stdout.reconfigure(line_buffering=True)  # rows appear as they are measured
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] for the torch solver")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
@@ -84,7 +85,8 @@ def main() -> None:
         os.environ["TWOSTREAM_NO_COMPILE"] = "1"
     elif args.mode == "compiled":
         tvl1_module._CPU_COMPILE_AFTER = 0
-    tvl1_module._COMPACT = not args.no_compaction
+    if args.no_compaction:
+        tvl1_module._COMPACT_FROZEN = 2.0
     print(
         f"torch {torch.__version__} on {device} ({torch.get_num_threads()} threads, mode {args.mode}, "
         f"compaction {'off' if args.no_compaction else 'on'}); OpenCV {cv2.__version__} ({cv2.getNumThreads()} threads); "

@@ -20,7 +20,9 @@ spatial ones (flip, zoom, crop, rotation, colour) are drawn first, so the RGB an
 of one video draw the same geometry: a flip mirrors the frames and negates dx alike.
 
 The store opens lazily in each process (`Store` pickles without its file handles), so a dataset
-built in the parent can go to DataLoader workers. Only the frames a clip needs are read.
+built in the parent can go to DataLoader workers. Only the frames a clip needs are read, each
+once, in whatever order the clip takes them (the store reads runs of consecutive frames as slices
+and decodes each frame once).
 """
 
 from __future__ import annotations
@@ -57,7 +59,6 @@ log = logging.getLogger(__name__)
 
 STREAMS = ("rgb", "flow")
 _CV_MAX_CHANNELS = 128  # OpenCV's warp and resize refuse images with more channels than this
-_DEFAULT_BOUND = 20.0  # px; stores written before the bound was recorded used TSN's
 
 
 @dataclass(frozen=True)
@@ -179,8 +180,9 @@ def _warp(x: np.ndarray, params: ClipParams, vectors: bool = False) -> np.ndarra
 def read_rows(fetch, index: np.ndarray) -> np.ndarray:
     """Rows `index` (any order, repeats allowed) of a stored array, read as runs of consecutive rows.
 
-    `fetch(slice)` reads one run (e.g. `lambda s: store.rgb(video_id, s)`). Slices, because h5py's
-    point selections of sorted rows are ~10x slower than reading each row as its own slice.
+    `fetch(slice)` reads one run. Slices, because h5py's point selections of sorted rows are
+    ~10x slower than reading each row as its own slice. `Store.rgb`/`Store.flow` take any index
+    form themselves; this is for other row sources.
     """
     uniq, inverse = np.unique(np.asarray(index, np.int64), return_inverse=True)
     runs = np.split(uniq, np.flatnonzero(np.diff(uniq) != 1) + 1)
@@ -277,7 +279,7 @@ class ClipDataset(torch.utils.data.Dataset):
         }
 
     def _rgb(self, video_id: str, positions: np.ndarray, params: ClipParams) -> torch.Tensor:
-        frames = read_rows(lambda rows: self.store.rgb(video_id, rows), positions)  # (T, H, W, 3) uint8
+        frames = self.store.rgb(video_id, positions)  # (T, H, W, 3) uint8
         if self.cfg.size is not None:
             # Resizing first: the augmentation's geometry is relative to the frame, and it then
             # warps only the output pixels.
@@ -289,14 +291,14 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def _flow(self, video_id: str, n: int, positions: np.ndarray, params: ClipParams) -> torch.Tensor:
         fields = stack_fields(positions, n - 1, self.cfg.flow_stack)  # (T, L)
-        flow = read_rows(lambda rows: self.store.flow(video_id, rows), fields.reshape(-1))  # (T*L, H, W, 2) px
+        flow = self.store.flow(video_id, fields.reshape(-1))  # (T*L, H, W, 2) px
         flow = flow.reshape(*fields.shape, *flow.shape[1:])  # (T, L, H, W, 2)
         if params.rate != 1.0:
             flow = flow * np.float32(params.rate)  # a faster replay moves further per field
         if self.cfg.size is not None:
             flow = _resize(flow, self.cfg.size, vectors=True)
         flow = _warp(flow, params, vectors=True)
-        bound = _flow_bound(self.store, video_id)
+        bound = self.store.flow_bound(video_id)  # recorded per video, else the store's, else 20
         return normalize_flow(_planar(flow), bound).contiguous()  # (T, 2L, H, W)
 
 
@@ -326,12 +328,6 @@ def _normalize_rgb(frames: np.ndarray) -> torch.Tensor:
     for c in range(3):
         np.take(table[c], planar[:, c], out=out[:, c], mode="clip")  # "clip": unbuffered; uint8 never clips
     return torch.from_numpy(out)
-
-
-def _flow_bound(store: Store, video_id: str) -> float:
-    """The bound (px) the store recorded for this video's flow, else the store's, else TSN's 20."""
-    bound = store.attrs(video_id).get("flow_bound", store.root_attrs.get("flow_bound", _DEFAULT_BOUND))
-    return float(bound)
 
 
 def _check_stream(stream: str) -> str:

@@ -11,10 +11,11 @@ Layout of a store file:
         flow                  T-1 fields: (T-1, H, W, 2) for array codecs, (T-1,) byte strings for
                               stream codecs (see data.flowcodec); decodes to (T-1, H, W, 2) float32
 
-RGB codecs: "jpeg" (default) keeps each frame as a quality-95 JPEG, about 22 KB for a 224x224
-CCTV frame against about 110 KB deflated, at a round-trip PSNR near 43 dB, and decodes about
-twice as fast as deflate inflates (benchmarks/loader_bench.py). "raw" keeps the exact pixels.
-Stores written before the codec was recorded have no rgb_codec attr and read as raw.
+RGB codecs: "jpeg" (default) keeps each frame as a quality-95 JPEG: on 224x224 frames of real
+CCTV clips 22 KB a frame against 104 KB deflated, at a round-trip PSNR of 42 dB, and a 16-frame
+clip reads about twice as fast (libjpeg-turbo decodes faster than deflate inflates; see
+benchmarks/loader_bench.py). "raw" keeps the exact pixels. Stores written before the codec was
+recorded have no rgb_codec attr and read as raw; `recode_rgb` converts a store either way.
 
 Reads take any index form. h5py's own selection of scattered rows of a chunked, compressed
 dataset is pathologically slow (hundreds of ms for 16 frames), so the store reads the sorted
@@ -74,10 +75,9 @@ STORE_ATTRS = ("rgb_codec", "flow_codec", "flow_bound", "num_frames", "flow_nbyt
 _OPTIONAL_STORE_ATTRS = ("rgb_codec",)  # absent: "raw"
 RGB_CODECS = ("jpeg", "raw")
 DEFAULT_RGB_CODEC = "jpeg"
-RGB_JPEG_QUALITY = 95  # ~43 dB PSNR on real CCTV frames at a fifth of the deflated bytes
-RGB_HDF5 = dict(
-    compression="gzip", compression_opts=4
-)  # "raw": deflate 4, most of 9's ratio, far faster
+RGB_JPEG_QUALITY = 95  # 42 dB PSNR on real CCTV frames at a fifth of the deflated bytes
+# "raw": deflate 4, most of 9's ratio, far faster.
+RGB_HDF5 = dict(compression="gzip", compression_opts=4)
 _STREAM_CHUNK = 64  # byte-string references per chunk; the payloads themselves live in the heap
 _MAX_OPEN_FILES = 64  # part files kept open per reader process (an unfinalized store has many)
 _JSON_KEYS = "_json_keys"  # attr listing the keys whose values were stored as JSON text
@@ -492,7 +492,9 @@ class StoreWriter:
     """Writes videos into a store, each one durable once `write` returns; one writer per file.
 
     `with StoreWriter(path) as w:` finalizes on a clean exit and leaves an interrupted run
-    resumable: skip `w.done_ids()` and write the rest.
+    resumable: skip `w.done_ids()` and write the rest. `flow_codec` and `rgb_codec` ("jpeg":
+    quality-95 JPEG per frame; "raw": exact, deflated) are recorded per video, so one store may
+    mix them; frames and flow fields are encoded on `threads` threads.
     """
 
     def __init__(
@@ -864,12 +866,14 @@ class Store:
         self._catalogue = dict(sorted(catalogue.items()))
         return self._catalogue
 
-    def _group(self, video_id: str) -> h5py.Group:
+    def _group(self, video_id: str, member: str = "") -> h5py.Group | h5py.Dataset:
+        """The video's group, or its dataset `member` (one path lookup: cheaper than two)."""
         where = self._scan().get(video_id)
         if where is None:
             raise MissingVideoError(f"video {video_id!r} is not in {self.path}")
+        path = f"videos/{video_id}/{member}" if member else f"videos/{video_id}"
         try:
-            return self._file(where)["videos"][video_id]
+            return self._file(where)[path]
         except FileNotFoundError:
             # A writer finalized since we looked: its parts are now inside a new main file, and
             # an open handle would still show the old one.
@@ -879,7 +883,7 @@ class Store:
             where = self._scan().get(video_id)
             if where is None:
                 raise MissingVideoError(f"video {video_id!r} is not in {self.path}") from None
-            return self._file(where)["videos"][video_id]
+            return self._file(where)[path]
 
     @property
     def video_ids(self) -> list[str]:
@@ -944,7 +948,7 @@ class Store:
     def rgb(self, video_id: str, index: object = slice(None)) -> np.ndarray:
         """Frames of a video in RGB order. Shape: (t, H, W, 3) uint8 ((H, W, 3) for an int index)."""
         meta = self._meta(video_id)
-        ds = self._group(video_id)["rgb"]
+        ds = self._group(video_id, "rgb")
         sel = _select(ds.shape[0], index)
         if meta.rgb_codec == "raw":
             return _hand_back(_read_array(ds, sel), sel)
@@ -959,7 +963,7 @@ class Store:
     def flow(self, video_id: str, index: object = slice(None)) -> np.ndarray:
         """Decoded flow fields of a video. Shape: (t, H, W, 2) float32 px ((H, W, 2) for an int)."""
         meta = self._meta(video_id)
-        ds = self._group(video_id)["flow"]
+        ds = self._group(video_id, "flow")
         sel = _select(ds.shape[0], index)
         if sel.count == 0:
             return np.zeros((0, *self.frame_size(video_id), 2), np.float32)
@@ -1128,6 +1132,64 @@ def merge(inputs: Sequence[str | Path], output: str | Path, *, overwrite: bool =
     _clear_parts(output)
     _commit(tmp, output)
     logger.info("merged %d stores into %s: %d videos", len(inputs), output, len(chosen))
+    return output
+
+
+def recode_rgb(
+    source: str | Path,
+    output: str | Path,
+    rgb_codec: str = DEFAULT_RGB_CODEC,
+    *,
+    overwrite: bool = False,
+    threads: int | None = None,
+) -> Path:
+    """Copy a store (or a shard index) into one file whose frames are stored by `rgb_codec`.
+
+    Flow and attrs are copied as they are; frames already in `rgb_codec` are copied without
+    re-encoding. Shrinks a store of raw frames about five-fold without recomputing its flow.
+    """
+    source, output = Path(source), Path(output)
+    codec = _check_rgb_codec(rgb_codec)
+    _check_output([source], output, overwrite)
+    threads = threads if threads is not None else min(4, os.cpu_count() or 1)
+    store = Store(source, threads=threads)
+    tmp = _tmp_path(output)
+    try:
+        with h5py.File(tmp, "w") as out:
+            videos = out.create_group("videos")
+            for video_id in store.video_ids:
+                src = store._group(video_id)
+                group = videos.create_group(video_id)
+                for key, value in src.attrs.items():
+                    group.attrs[key] = value
+                for name in src:
+                    if name != "rgb" or store.rgb_codec(video_id) == codec:
+                        group.copy(src[name], group, name=name)
+                if store.rgb_codec(video_id) != codec:
+                    frames = store.rgb(video_id)  # (T, H, W, 3) uint8
+                    if codec == "jpeg":
+                        _write_payloads(group, "rgb", encode_rgb(frames, threads))
+                    else:
+                        t, h, w, _ = frames.shape
+                        group.create_dataset("rgb", data=frames, chunks=(1, h, w, 3), **RGB_HDF5)
+                group.attrs["rgb_codec"] = codec
+            root = {k: v for k, v in store.root_attrs.items() if k not in ("store_kind", "shards")}
+            root.update(
+                schema_version=SCHEMA_VERSION,
+                created_at=_now(),
+                created_with=_created_with(),
+                rgb_codec=codec,
+                recoded_from=source.name,
+            )
+            _put_attrs(out, root)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    finally:
+        store.close()
+    _clear_parts(output)
+    _commit(tmp, output)
+    logger.info("recoded %s into %s: %d videos, rgb %s", source, output, len(store), codec)
     return output
 
 

@@ -10,6 +10,7 @@ squared update falls below epsilon^2.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
 import os
@@ -105,9 +106,29 @@ def _tvl1(prev: Tensor, nxt: Tensor, p: TVL1Params, sync_every: int | None = Non
     _check_pair(prev, nxt)
     # Inference mode inside whatever the caller uses: no autograd bookkeeping, and one compiled
     # graph whether or not the caller is in inference mode. The copy out is a normal tensor.
-    with torch.inference_mode():
+    with torch.inference_mode(), _intra_op_threads(1 if prev.device.type == "cpu" else None):
         flow = _solve(prev, nxt, p, sync_every)
-    return flow.clone()
+    return flow.clone(memory_format=torch.contiguous_format)
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int | None):
+    """Run with `n` intra-op CPU threads (None: leave them alone), restoring the setting after.
+
+    The CPU solve uses one: each iteration is a few short kernels, and their OpenMP barriers cost
+    more than a second thread brings whenever the cores are shared (a 2-core box running other
+    work: 0.16-0.43 pairs/s with 2 threads vs 1.75-2.23 with 1, at 224 x 224). Many cores are better
+    used by solving different pairs in different processes (extraction shards).
+    """
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _solve(prev: Tensor, nxt: Tensor, p: TVL1Params, sync_every: int | None) -> Tensor:
@@ -121,9 +142,12 @@ def _solve(prev: Tensor, nxt: Tensor, p: TVL1Params, sync_every: int | None) -> 
     _count_work(prev.device, n * height * width)
     images = torch.stack((prev, nxt), 1).to(work)  # (N, 2, H, W): both frames share each op
     sizes = pyramid_sizes(height, width, p.nscales, p.scale_step)
-    pyramid = [gaussian_blur(images, _PRESMOOTH)]
+    # IPOL's pyramid: a Gaussian blur against aliasing, then a bilinear zoom by scale_step (OpenCV
+    # zooms without the blur; IPOL also pre-smooths the full image, which costs accuracy here).
+    sigma = _ZOOM_SIGMA * (1.0 / p.scale_step**2 - 1.0) ** 0.5
+    pyramid = [images]
     for size in sizes[1:]:
-        pyramid.append(resize(gaussian_blur(pyramid[-1], _zoom_sigma(p.scale_step)), size))
+        pyramid.append(resize(gaussian_blur(pyramid[-1], sigma), size))
     channels = 3 if p.gamma != 0 else 2  # u3 is the illumination-change field
     u = images.new_zeros((n, channels, *sizes[-1]))  # (N, C, h, w)
     for level in range(len(sizes) - 1, -1, -1):
@@ -131,14 +155,6 @@ def _solve(prev: Tensor, nxt: Tensor, p: TVL1Params, sync_every: int | None) -> 
             u = _upsample_flow(u, sizes[level])
         u = _solve_level(pyramid[level][:, 0], pyramid[level][:, 1], u, p, sync_every)
     return u[:, :2].permute(0, 2, 3, 1).to(out_dtype)
-
-
-_PRESMOOTH = 0.0
-_BLUR = True
-
-
-def _zoom_sigma(z: float) -> float:
-    return _ZOOM_SIGMA * (1.0 / (z * z) - 1.0) ** 0.5 if _BLUR else 0.0
 
 
 def _upsample_flow(u: Tensor, size: tuple[int, int]) -> Tensor:
@@ -174,9 +190,11 @@ def _solve_level(i0: Tensor, i1: Tensor, u: Tensor, p: TVL1Params, sync_every: i
     return u
 
 
-# Drop converged pairs from the batch (True) or only keep them frozen by the mask (False). Measured
-# by benchmarks/tvl1_compare.py --no-compaction: dropping them is faster (see the report figures).
-_COMPACT = True
+# Converged pairs stay in the batch, frozen by the mask, until they make up this fraction of it;
+# then the batch is compacted to the active pairs (a copy of every per-pair tensor). Compacting at
+# every convergence copies too often; never compacting computes frozen pairs until the slowest
+# one stops. benchmarks/tvl1_compare.py --no-compaction sets it above 1 (never).
+_COMPACT_FROZEN = 0.5
 
 
 def _sync_interval(device: torch.device) -> int:
@@ -210,7 +228,8 @@ def _iterate(u: Tensor, px: Tensor, py: Tensor, a: Tensor, inv_grad: Tensor, rho
         if (it + 1) % sync_every and (it + 1) % p.inner_iterations:
             continue
         n_active = int(active.sum())  # the only host read
-        if n_active == active.numel() or it + 1 == total or (n_active and not _COMPACT):
+        frozen = active.numel() - n_active
+        if it + 1 == total or (n_active and frozen < _COMPACT_FROZEN * active.numel()):
             continue
         if out is None:
             out = tuple(torch.empty_like(t) for t in (u, px, py))

@@ -412,6 +412,13 @@ def train_run(
 # --- cross-validation ---------------------------------------------------------------------------
 
 
+def _preset(preset):
+    """A preset given by name ("auto", "cpu", "gpu") or as a `fusion.presets.Preset`."""
+    from fusion.presets import Preset, choose_preset
+
+    return preset if isinstance(preset, Preset) else choose_preset(preset)
+
+
 def _store_groups(store: str | Path) -> tuple[np.ndarray, np.ndarray]:
     from data.store import Store
 
@@ -530,13 +537,6 @@ def _cv_markdown(doc: Mapping) -> str:
 
 
 # --- the main job -------------------------------------------------------------------------------
-
-
-def _preset(preset):
-    """A preset given by name ("auto", "cpu", "gpu") or as a `fusion.presets.Preset`."""
-    from fusion.presets import Preset, choose_preset
-
-    return preset if isinstance(preset, Preset) else choose_preset(preset)
 
 
 def _generate_synthetic(folder: Path, spec) -> Path:

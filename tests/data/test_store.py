@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from data.store import (
     decode_rgb,
     encode_rgb,
     merge,
+    recode_rgb,
     shard_path,
     write_index,
 )
@@ -254,6 +256,159 @@ def test_writer_refuses_duplicates_bad_options_and_a_second_writer(tmp_path):
     with pytest.raises(FileNotFoundError):
         StoreWriter(tmp_path / "no" / "s.h5")
     assert REQUIRED_ATTRS[0] == "label"
+
+
+# --- rgb codecs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rgb_codec", ["jpeg", "raw"])
+def test_rgb_codec_layout_attrs_and_round_trip(tmp_path, rgb_codec):
+    path = tmp_path / "s.h5"
+    write_videos(path, [0, 1], rgb_codec=rgb_codec)
+    store = Store(path)
+    assert store.root_attrs["rgb_codec"] == rgb_codec
+    for i in (0, 1):
+        assert store.attrs(f"v{i}")["rgb_codec"] == rgb_codec == store.rgb_codec(f"v{i}")
+        assert store.num_frames(f"v{i}") == len(make_video(i)[0])
+        assert store.frame_size(f"v{i}") == (H, W)
+        assert_video(store, i)
+    with h5py.File(path, "r") as f:
+        rgb = f["videos/v0/rgb"]
+        if rgb_codec == "jpeg":
+            assert rgb.shape == (3,) and h5py.check_vlen_dtype(rgb.dtype) == np.uint8
+            assert all(payload[:2].tobytes() == b"\xff\xd8" for payload in rgb[:])  # JPEG SOI
+        else:
+            assert rgb.shape == (3, H, W, 3) and rgb.dtype == np.uint8
+    assert store.validate() == []
+
+
+def test_jpeg_keeps_rgb_channel_order(tmp_path):
+    rgb = np.zeros((2, 16, 16, 3), np.uint8)
+    rgb[..., 0] = 230  # pure red: BGR confusion anywhere would come back blue
+    rgb[1, ..., 2] = 200  # magenta
+    back = decode_rgb(encode_rgb(rgb, threads=2))
+    assert np.abs(back.astype(int) - rgb).max() <= 3
+    path = tmp_path / "s.h5"
+    _, flow, attrs = make_video(0, frames=2, size=(16, 16))
+    with StoreWriter(path) as writer:
+        writer.write("red", rgb, flow, attrs)
+    np.testing.assert_array_equal(Store(path).rgb("red"), back)
+
+
+def test_jpeg_decodes_each_frame_once_and_threads_agree(tmp_path, monkeypatch):
+    path = tmp_path / "s.h5"
+    rgb, flow, attrs = make_video(0, frames=20)
+    with StoreWriter(path) as writer:
+        writer.write("a", rgb, flow, attrs)
+    serial = Store(path, threads=1)
+    full = serial.rgb("a")
+    np.testing.assert_array_equal(Store(path, threads=4).rgb("a"), full)  # 3 threads do it
+    calls = []
+    real = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda buf, flags: calls.append(1) or real(buf, flags))
+    index = [17, 3, 4, 3, 12, 5, 17, 0]
+    np.testing.assert_array_equal(serial.rgb("a", index), full[index])
+    assert len(calls) == len(set(index))
+
+
+def test_corrupt_jpeg_payload_raises():
+    payloads = encode_rgb(make_video(0)[0])
+    payloads[1] = payloads[1][10:]
+    with pytest.raises(ValueError, match="corrupt rgb payload"):
+        decode_rgb(payloads)
+
+
+def test_rgb_codec_is_checked_and_reserved(tmp_path):
+    with pytest.raises(ValueError, match="unknown rgb codec 'png'"):
+        StoreWriter(tmp_path / "s.h5", rgb_codec="png")
+    assert not (tmp_path / "s.h5").exists() and not (tmp_path / "s.h5.lock").exists()
+    assert "rgb_codec" in STORE_ATTRS
+    rgb, flow, attrs = make_video(0)
+    with StoreWriter(tmp_path / "t.h5") as writer:
+        with pytest.raises(ValueError, match="written by the store"):
+            writer.write("a", rgb, flow, {**attrs, "rgb_codec": "raw"})
+    with pytest.raises(ValueError, match="threads"):
+        Store(tmp_path / "t.h5", threads=0)
+
+
+def _make_old(path: Path) -> None:
+    """Strip what this version adds, as in a store written before the rgb codec existed."""
+    with h5py.File(path, "r+") as f:
+        del f.attrs["rgb_codec"]
+        for group in f["videos"].values():
+            del group.attrs["rgb_codec"]
+
+
+def test_store_without_rgb_codec_attr_reads_as_raw(tmp_path):
+    path = tmp_path / "s.h5"
+    write_videos(path, [0, 1], rgb_codec="raw")
+    _make_old(path)
+    store = Store(path)
+    assert "rgb_codec" not in store.attrs("v0") and store.rgb_codec("v0") == "raw"
+    np.testing.assert_array_equal(store.rgb("v1", [2, 0]), make_video(1)[0][[2, 0]])
+    assert_video(store, 0)
+    assert store.validate() == []
+    with StoreWriter(path) as writer:  # an old store takes new (JPEG) videos beside its raw ones
+        writer.write("v2", *make_video(2))
+    store = Store(path)
+    assert [store.rgb_codec(f"v{i}") for i in range(3)] == ["raw", "raw", "jpeg"]
+    for i in range(3):
+        assert_video(store, i)
+    assert store.validate() == []
+
+
+def test_merge_finalize_and_index_keep_each_videos_codec(tmp_path):
+    jpeg, raw = tmp_path / "a.h5", tmp_path / "b.h5"
+    with pytest.raises(RuntimeError):  # left unfinalized: its videos are in parts
+        with StoreWriter(jpeg, rgb_codec="jpeg") as writer:
+            writer.write("v0", *make_video(0))
+            raise RuntimeError
+    before = Store(jpeg).rgb("v0")
+    with h5py.File(jpeg.with_name("a.h5.parts") / "v0.h5", "r") as f:
+        payloads = [p.tobytes() for p in f["videos/v0/rgb"][:]]
+    write_videos(raw, [1], rgb_codec="raw")
+    _make_old(raw)
+    for joined in (
+        merge([jpeg, raw], tmp_path / "m.h5"),
+        write_index([jpeg, raw], tmp_path / "i.h5"),
+    ):
+        store = Store(joined)
+        assert [store.rgb_codec(v) for v in ("v0", "v1")] == ["jpeg", "raw"]
+        np.testing.assert_array_equal(store.rgb("v0"), before)
+        assert_video(store, 1)
+        assert store.validate() == []
+    with StoreWriter(jpeg) as writer:
+        assert writer.done_ids() == {"v0"}  # leaving the block finalizes
+    with h5py.File(jpeg, "r") as f:
+        assert [p.tobytes() for p in f["videos/v0/rgb"][:]] == payloads  # copied, not re-encoded
+        assert f["videos/v0"].attrs["rgb_codec"] == "jpeg"
+
+
+def test_recode_rgb_converts_frames_and_copies_the_rest(tmp_path):
+    raw = tmp_path / "raw.h5"
+    write_videos(raw, [0, 1], rgb_codec="raw", root_attrs={"run": "r1"})
+    _make_old(raw)
+    jpeg = recode_rgb(raw, tmp_path / "jpeg.h5")
+    store, source = Store(jpeg), Store(raw)
+    assert store.root_attrs["rgb_codec"] == "jpeg" and store.root_attrs["run"] == "r1"
+    for i in (0, 1):
+        v = f"v{i}"
+        assert store.rgb_codec(v) == "jpeg"
+        assert {k: x for k, x in store.attrs(v).items() if k != "rgb_codec"} == source.attrs(v)
+        np.testing.assert_array_equal(store.flow(v), source.flow(v))
+        assert_video(store, i)
+    assert store.validate() == [] and jpeg.stat().st_size < raw.stat().st_size
+    back = recode_rgb(jpeg, tmp_path / "back.h5", "raw")
+    np.testing.assert_array_equal(Store(back).rgb("v1"), store.rgb("v1"))  # JPEG pixels kept
+    same = recode_rgb(jpeg, tmp_path / "same.h5", "jpeg")  # nothing to re-encode: copied
+    with h5py.File(jpeg, "r") as a, h5py.File(same, "r") as b:
+        assert [x.tobytes() for x in a["videos/v0/rgb"][:]] == [
+            x.tobytes() for x in b["videos/v0/rgb"][:]
+        ]
+    with pytest.raises(ValueError, match="already exists"):
+        recode_rgb(raw, jpeg)
+    with pytest.raises(ValueError, match="unknown rgb codec"):
+        recode_rgb(raw, tmp_path / "x.h5", "png")
 
 
 # --- resume, finalize, stale files -----------------------------------------------------------

@@ -129,6 +129,14 @@ def test_evaluate_writes_every_artefact(tmp_path):
     assert "fused" in (eval_dir / "report.md").read_text()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine, two spinning threads make tiny convolutions 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 # --- TTA over a real (tiny) model ---------------------------------------------------------------
 
 SIDE = 32

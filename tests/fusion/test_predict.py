@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.special import logit
 
 from data.sampling import Sampling
@@ -57,6 +58,14 @@ def build_run(root: Path) -> Path:
             rd.write_predictions(split, ids, y, (2 * y - 1) + noise)
     return run
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine, two spinning threads make tiny convolutions 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:

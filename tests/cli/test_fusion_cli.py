@@ -1,0 +1,128 @@
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.app import app
+from data.store import StoreWriter
+from tests.fusion.test_pipeline import _complementary, _perfect_and_noise, make_run
+from tests.fusion.test_predict import build_run, moving_square_video
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(res, *fragments):
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine, two spinning threads make tiny convolutions 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_fuse_prints_the_comparison(tmp_path):
+    run = make_run(tmp_path / "run", _complementary)
+    res = _run("fuse", run)
+    assert res.exit_code == 0, res.output
+    for name in ("rgb", "flow", "average", "tsn", "fused", "fusion.json"):
+        assert name in res.output
+    assert (run / "fusion.json").is_file()
+
+
+def test_fuse_reports_the_fallback(tmp_path):
+    run = make_run(tmp_path / "run", _perfect_and_noise, n_val=60, n_test=40)
+    res = _run("fuse", run)
+    assert res.exit_code == 0, res.output
+    assert "fallback" in res.output and "rgb alone" in res.output
+
+
+def test_evaluate_prints_the_table_and_the_report(tmp_path):
+    run = make_run(tmp_path / "run", _complementary, n_val=100, n_test=100)
+    res = _run("evaluate", run, "--goal", "f1")
+    assert res.exit_code == 0, res.output
+    assert "fused" in res.output and "report:" in res.output
+    assert (run / "eval" / "report.md").is_file()
+
+
+def test_run_without_both_streams(tmp_path):
+    run = make_run(tmp_path / "run", _complementary, n_val=20, n_test=20, streams=("rgb",))
+    _one_line_error(_run("evaluate", run), "no trained flow stream", "twostream train")
+
+
+def test_single_class_validation(tmp_path):
+    def one_class(n, seed):
+        return np.zeros(n, int), {"rgb": np.linspace(-1, 1, n), "flow": np.linspace(1, -1, n)}
+
+    run = make_run(tmp_path / "run", one_class, n_val=10, n_test=10)
+    _one_line_error(_run("fuse", run), "only non-violent videos", "both classes")
+
+
+@pytest.mark.parametrize("command", ["fuse", "evaluate", "predict", "cv"])
+def test_tta_zero(tmp_path, command):
+    run = make_run(tmp_path / "run", _complementary, n_val=20, n_test=20)
+    args = {
+        "fuse": [run],
+        "evaluate": [run],
+        "predict": [tmp_path / "v.mp4", "--model", run],
+        "cv": [tmp_path / "s.h5", "--out", tmp_path / "cv"],
+    }[command]
+    _one_line_error(_run(command, *args, "--tta", "0"), "--tta must be at least 1")
+
+
+def test_cv_with_more_folds_than_groups(tmp_path):
+    store = tmp_path / "s.h5"
+    rng = np.random.default_rng(0)
+    with StoreWriter(store, flow_codec="float16") as w:
+        for i in range(6):  # 3 recordings, two clips each
+            rgb = rng.integers(0, 255, (3, 16, 16, 3), dtype=np.uint8)
+            w.write(f"v{i}", rgb, np.zeros((2, 16, 16, 2), np.float32),
+                    dict(label=i % 2, group=f"rec{i // 2}", source_path=f"/v{i}.mp4", source_fps=10.0,
+                         source_size=[16, 16], flow_method="synthetic"))
+    _one_line_error(_run("cv", store, "--out", tmp_path / "cv", "--folds", "4"), "3 source recordings")
+
+
+def test_cv_missing_store(tmp_path):
+    _one_line_error(_run("cv", tmp_path / "none.h5", "--out", tmp_path / "cv"), "twostream extract")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    return build_run(tmp_path_factory.mktemp("predict_cli"))
+
+
+def test_predict_scores_the_good_videos_and_reports_the_broken_one(tmp_path, trained_run):
+    run = trained_run
+    good = [moving_square_video(tmp_path / "a.avi", 3.0), moving_square_video(tmp_path / "b.avi", 4.0)]
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 100)
+    res = _run("predict", good[0], broken, good[1], "--model", run, "--out", tmp_path / "scores", "--device", "cpu")
+    assert res.exit_code == 2, res.output
+    assert "broken.mp4" in res.output
+    assert [line for line in res.output.splitlines() if line.startswith("error:") and "broken.mp4" in line]
+    for name in ("a", "b"):
+        for suffix in ("csv", "json", "png"):
+            assert (tmp_path / "scores" / f"{name}.{suffix}").is_file()
+    assert not (tmp_path / "scores" / "broken.csv").exists()
+    assert "2 video(s) scored" in res.output
+
+
+def test_predict_all_good_exits_zero(tmp_path, trained_run):
+    run = trained_run
+    video = moving_square_video(tmp_path / "a.avi", 2.5)
+    res = _run("predict", video, "--model", run, "--window", "1.0", "--stride", "0.5", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert (run / "predict" / "a.json").is_file()
