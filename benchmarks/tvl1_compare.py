@@ -1,7 +1,7 @@
 """TV-L1: the batched PyTorch solver vs OpenCV's DualTVL1, accuracy and speed side by side in one run.
 
     python benchmarks/tvl1_compare.py [--device cpu|cuda] [--batch-sizes 1 8 32] [--pairs 32]
-        [--size 224] [--threads N] [--mode auto|compiled|eager] [--chairs DIR] [--skip-chairs]
+        [--size 224] [--mode auto|compiled|eager] [--chairs DIR] [--skip-chairs]
         [--no-compaction] [--repeats 1]
 
 Both use OpenCV's default parameters. Accuracy: mean end-point error on synthetic_pairs(8, 224, 224)
@@ -67,7 +67,6 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--pairs", type=int, default=32, help="pairs per speed run")
     ap.add_argument("--size", type=int, default=224, help="side of the square speed pairs")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     ap.add_argument("--mode", choices=["auto", "compiled", "eager"], default="compiled")
     ap.add_argument("--chairs", default=str(ROOT.parent / "shared" / "data" / "flyingchairs"))
     ap.add_argument("--skip-chairs", action="store_true", help="skip the FlyingChairs accuracy run")
@@ -79,8 +78,6 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA device here")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.mode == "eager":
         os.environ["TWOSTREAM_NO_COMPILE"] = "1"
     elif args.mode == "compiled":
@@ -88,8 +85,8 @@ def main() -> None:
     if args.no_compaction:
         tvl1_module._COMPACT_FROZEN = 2.0
     print(
-        f"torch {torch.__version__} on {device} ({torch.get_num_threads()} threads, mode {args.mode}, "
-        f"compaction {'off' if args.no_compaction else 'on'}); OpenCV {cv2.__version__} ({cv2.getNumThreads()} threads); "
+        f"torch {torch.__version__} on {device} (mode {args.mode}; a CPU solve uses 1 intra-op thread), "
+        f"compaction {'off' if args.no_compaction else 'on'}; OpenCV {cv2.__version__} ({cv2.getNumThreads()} threads); "
         f"params {TVL1Params()}"
     )
 

@@ -36,6 +36,11 @@ class FlowDtype(str, Enum):
     float16 = "float16"
 
 
+class RgbCodec(str, Enum):
+    jpeg = "jpeg"
+    raw = "raw"
+
+
 class FlowCodec(str, Enum):
     qwebp = "qwebp"
     qwebp_fine = "qwebp-fine"
@@ -75,6 +80,7 @@ def extract(
     frames: int | None = typer.Option(None, help="Sample N frames spread uniformly."),
     flow_codec: FlowCodec = typer.Option(FlowCodec.qwebp, help="Stored form of the flow: qwebp (0.25 px steps, lossless WebP; smallest), qwebp-fine, uint8 (TSN quantisation with --bound, gzip), float16, jpeg (denseflow's pair)."),
     flow_dtype: FlowDtype | None = typer.Option(None, help="Shorthand: uint8 = --flow-codec uint8, float16 = --flow-codec float16."),
+    rgb_codec: RgbCodec = typer.Option(RgbCodec.jpeg, help="Stored form of the frames: jpeg (quality 95, ~5x smaller) or raw (lossless, deflate)."),
     bound: float = typer.Option(20.0, help="Quantisation bound in pixels for uint8 flow (TSN: 20)."),
     workers: int = typer.Option(0, help="Decoding processes (0: one per core)."),
     shard: str | None = typer.Option(None, help="i/n: extract the i-th of n disjoint slices into its own file."),
@@ -97,7 +103,7 @@ def extract(
     sampling = Sampling(fps=fps, frames=frames, size=size or None, short_side=short_side)
     codec = flow_dtype.value if flow_dtype is not None else flow_codec.value
     cfg = ExtractConfig(method=method.value, backend=backend.value, device=device, sampling=sampling,
-                        flow_codec=codec, bound=bound, workers=workers, shard=parse_shard(shard))
+                        flow_codec=codec, rgb_codec=rgb_codec.value, bound=bound, workers=workers, shard=parse_shard(shard))
     with Progress(
         TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False,

@@ -38,6 +38,7 @@ class ExtractConfig:
     device: str = "auto"              # auto | cpu | cuda:N
     sampling: Sampling = Sampling()   # which frames are kept and their size
     flow_codec: str | None = None     # stored form of the flow (None: the store's default codec)
+    rgb_codec: str | None = None      # stored form of the frames: jpeg | raw (None: the store's default)
     bound: float = 20.0               # quantisation bound in pixels (TSN: ±20)
     workers: int = 0                  # decoding processes; 0 = one per core
     batch_pairs: int = 0              # pairs gathered across videos per estimator call; 0 = chosen per backend
@@ -212,7 +213,7 @@ def extract_dataset(
     estimator = FlowEstimator(cfg.method, cfg.backend, _device_for(cfg.device, shard), **dict(cfg.flow_params))
     root_attrs = _root_attrs(cfg, estimator, cfg.flow_codec)
     _check_resumable(out, root_attrs)
-    codec_kw = {"flow_codec": cfg.flow_codec} if cfg.flow_codec else {}
+    codec_kw = {k: v for k, v in (("flow_codec", cfg.flow_codec), ("rgb_codec", cfg.rgb_codec)) if v}
     summary = ExtractSummary(store=out)
     start = time.perf_counter()
     with StoreWriter(out, bound=cfg.bound, root_attrs=root_attrs, **codec_kw) as store:

@@ -101,14 +101,31 @@ class TVL1:
 # ---------------------------------------------------------------------------------------------
 # Solver
 
+_CPU_GROUP_PIXELS = 8 * 224 * 224  # pairs x pixels solved together on the CPU (see _tvl1)
+# Converged pairs stay in the batch, frozen by the mask, until they make up this fraction of it;
+# then the batch is compacted to the active pairs (a copy of every per-pair tensor). Compacting at
+# every convergence copies too often and never compacting computes frozen pairs until the slowest
+# one stops: 0.5 beat both by 10-25% at batch 8 and 32 (benchmarks/tvl1_compare.py --no-compaction
+# sets it above 1, never).
+_COMPACT_FROZEN = 0.5
+
 
 def _tvl1(prev: Tensor, nxt: Tensor, p: TVL1Params, sync_every: int | None = None) -> Tensor:
     _check_pair(prev, nxt)
-    # Inference mode inside whatever the caller uses: no autograd bookkeeping, and one compiled
-    # graph whether or not the caller is in inference mode. The copy out is a normal tensor.
-    with torch.inference_mode(), _intra_op_threads(1 if prev.device.type == "cpu" else None):
-        flow = _solve(prev, nxt, p, sync_every)
-    return flow.clone(memory_format=torch.contiguous_format)
+    n, height, width = prev.shape
+    device = prev.device
+    out_dtype = prev.dtype if prev.is_floating_point() else torch.float32
+    if n == 0:
+        return prev.new_zeros((0, height, width, 2), dtype=out_dtype)
+    sync_every = sync_every or _sync_interval(device)
+    # Pairs are independent, so a CPU batch is solved a cache-sized group at a time (eager steps on
+    # 32 pairs of 224 x 224 ran at 1.3 pairs/s, on 8 at 2.0); accelerators take the whole batch.
+    group = max(1, _CPU_GROUP_PIXELS // (height * width)) if device.type == "cpu" else n
+    # Inference mode whatever the caller uses: no autograd bookkeeping, and one compiled graph
+    # either way. The copy out of it is a normal tensor.
+    with torch.inference_mode(), _intra_op_threads(1 if device.type == "cpu" else None):
+        flow = torch.cat([_solve(prev[i : i + group], nxt[i : i + group], p, sync_every) for i in range(0, n, group)])
+    return flow.to(out_dtype).clone(memory_format=torch.contiguous_format)
 
 
 @contextlib.contextmanager
@@ -131,19 +148,15 @@ def _intra_op_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def _solve(prev: Tensor, nxt: Tensor, p: TVL1Params, sync_every: int | None) -> Tensor:
-    out_dtype = prev.dtype if prev.is_floating_point() else torch.float32
-    work = out_dtype if out_dtype in (torch.float32, torch.float64) else torch.float32
+def _solve(prev: Tensor, nxt: Tensor, p: TVL1Params, sync_every: int) -> Tensor:
+    """Coarse to fine over the pyramid. Shape: prev, nxt (N, H, W) -> flow (N, H, W, 2)."""
     n, height, width = prev.shape
-    if n == 0:
-        return prev.new_zeros((0, height, width, 2), dtype=out_dtype)
-    if sync_every is None:
-        sync_every = _sync_interval(prev.device)
+    work = prev.dtype if prev.dtype in (torch.float32, torch.float64) else torch.float32
     _count_work(prev.device, n * height * width)
     images = torch.stack((prev, nxt), 1).to(work)  # (N, 2, H, W): both frames share each op
     sizes = pyramid_sizes(height, width, p.nscales, p.scale_step)
     # IPOL's pyramid: a Gaussian blur against aliasing, then a bilinear zoom by scale_step (OpenCV
-    # zooms without the blur; IPOL also pre-smooths the full image, which costs accuracy here).
+    # zooms without the blur; IPOL also pre-smooths the full image, which cost accuracy here).
     sigma = _ZOOM_SIGMA * (1.0 / p.scale_step**2 - 1.0) ** 0.5
     pyramid = [images]
     for size in sizes[1:]:
@@ -154,7 +167,7 @@ def _solve(prev: Tensor, nxt: Tensor, p: TVL1Params, sync_every: int | None) -> 
         if u.shape[-2:] != sizes[level]:
             u = _upsample_flow(u, sizes[level])
         u = _solve_level(pyramid[level][:, 0], pyramid[level][:, 1], u, p, sync_every)
-    return u[:, :2].permute(0, 2, 3, 1).to(out_dtype)
+    return u[:, :2].permute(0, 2, 3, 1)
 
 
 def _upsample_flow(u: Tensor, size: tuple[int, int]) -> Tensor:
@@ -183,18 +196,13 @@ def _solve_level(i0: Tensor, i1: Tensor, u: Tensor, p: TVL1Params, sync_every: i
         inside = ((x1 >= 0) & (x1 <= w - 1) & (y1 >= 0) & (y1 <= h - 1)).to(u.dtype)[:, None]  # (N, 1, H, W)
         gx, gy = warped[:, 1:2] * inside, warped[:, 2:3] * inside
         # Linearised data term rho(u) = rho_c + a . u with a = (I1x, I1y[, gamma]) at x + u0 (eq. 13).
+        # The threshold divides by |a|^2 including gamma^2, the exact minimiser for the 3-vector
+        # (OpenCV leaves gamma^2 out of it).
         a = torch.cat([gx, gy] + ([inside * p.gamma] if c == 3 else []), 1)  # (N, C, H, W)
         inv_grad = 1.0 / (a * a).sum(1, keepdim=True).clamp_min(_GRAD_EPS)  # (N, 1, H, W)
         rho_c = warped[:, 0:1] - gx * u[:, 0:1] - gy * u[:, 1:2] - i0[:, None]  # (N, 1, H, W)
         u, px, py = _iterate(u, px, py, a, inv_grad, rho_c, p, sync_every)
     return u
-
-
-# Converged pairs stay in the batch, frozen by the mask, until they make up this fraction of it;
-# then the batch is compacted to the active pairs (a copy of every per-pair tensor). Compacting at
-# every convergence copies too often; never compacting computes frozen pairs until the slowest
-# one stops. benchmarks/tvl1_compare.py --no-compaction sets it above 1 (never).
-_COMPACT_FROZEN = 0.5
 
 
 def _sync_interval(device: torch.device) -> int:

@@ -77,8 +77,12 @@ def _fresh(path: Path, source: Path) -> bool:
     return path.is_file() and source.is_file() and path.stat().st_mtime >= source.stat().st_mtime
 
 
-def _tta_forward(model, module: str):
-    """clips (N, T, C, H, W) -> logits (N,) for a run's model; head-only runs see float16 features."""
+def clip_forward(model, module: str):
+    """A run's model as clips (N, T, C, H, W) -> logits (N,); `module` is its checkpoint's ("head" or "model").
+
+    A head-only (stage-1) model gets its backbone features rounded to float16 first, as the
+    features cache it was trained on stores them.
+    """
     if module != "head":
         return model
 
@@ -108,7 +112,7 @@ def _compute_tta(stream_dir: Path, splits: Sequence[str], k: int, device: str, b
             f"{stream_dir} was trained on store {store}, which no longer exists; TTA needs it"
         )
     clip = ClipConfig(steps=cfg.train.steps, flow_stack=cfg.model.flow_stack, size=cfg.train.size)
-    forward = _tta_forward(model, info.get("module") or "model")
+    forward = clip_forward(model, info.get("module") or "model")
     for split in splits:
         # The run's own CSV names the videos of the split, so TTA keeps the split it was trained with.
         ids = load_split(stream_dir, split).video_ids.tolist()
@@ -284,8 +288,6 @@ def fit_run(
     doc = {"tta": k, "goal": cfg.goal, "min_recall": cfg.min_recall, "runs": [str(r) for r in runs],
            "model": str(path), "fallback_reason": getattr(model, "fallback_reason", None), **comparison}
     write_atomic(path.with_name(path.stem + "_comparison.json"), json.dumps(doc, indent=2) + "\n")
-    if getattr(model, "fallback_reason", None):
-        logger.warning("%s", model.fallback_reason)
     return FusionOutcome(model, path, val, test, comparison, k)
 
 
@@ -497,8 +499,11 @@ def cross_validate(
         cfg = replace(base, train=replace(base.train, fold=f"{fold}/{folds}"))
         if on_event is not None:
             on_event({"event": "fold", "fold": fold, "folds": folds})
-        train_run(store, fold_dir, cfg, devices, on_event)
-        result = evaluate_run(fold_dir, k, goal, min_recall)
+        try:
+            train_run(store, fold_dir, cfg, devices, on_event)
+            result = evaluate_run(fold_dir, k, goal, min_recall)
+        except ValueError as exc:
+            raise ValueError(f"fold {fold} of {folds}: {exc}") from None
         rows.append({"fold": fold, "run": str(fold_dir), "fallback_reason": result["fallback_reason"],
                      **{m: {name: _pick(result["metrics"][m], keys) for name, keys in _CV_METRICS}
                         for m in ("rgb", "flow", "fused")},

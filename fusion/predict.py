@@ -4,7 +4,8 @@ Frames are streamed (`data.video.iter_frames`) and only the current window's fra
 each with the flow from its predecessor, so memory stays at one window whatever the video's
 length. Frames are sampled and resized as the run's store was (its recorded sampling); flow is
 computed on the fly with the store's method and parameters (`flow.api.FlowEstimator`) and passed
-through the store's codec at its bound, so the flow stream sees the quantisation it trained on.
+through the store's codec at its bound, so the flow stream sees the quantisation it trained on
+(and the RGB stream sees frames through the store's JPEG codec when the store keeps them so).
 Each pair of frames gets its flow once, even when windows overlap.
 
 Windows: frame i sits at t = i / fps of the source; window [s, s + window) takes the frames in
@@ -40,6 +41,7 @@ from scipy.special import expit
 from data.clips import ClipConfig
 from data.flowcodec import decode, encode
 from data.sampling import Sampling
+from data.store import decode_rgb, encode_rgb
 from data.video import iter_frames, source_fps
 from fusion.late import FusionModel, fuse_logits, load_fusion
 from fusion.predictions import write_atomic
@@ -119,6 +121,7 @@ def _store_settings(store_path: Path) -> dict:
         "backend": attrs.get("flow_backend", root.get("flow_backend", "auto")),
         "params": params,
         "codec": attrs.get("flow_codec", "float16"),
+        "rgb_codec": attrs.get("rgb_codec", "raw"),  # stores written before the attr hold raw frames
         "bound": float(attrs.get("flow_bound", root.get("flow_bound", 20.0))),
     }
 
@@ -129,7 +132,7 @@ class Scorer:
     def __init__(self, run_dir: str | Path, tta: int = 1, device: str = "auto", batch_views: int = 8) -> None:
         from flow.api import FlowEstimator
         from flow.devices import resolve_device
-        from fusion.pipeline import _tta_forward, check_run, fuse_run
+        from fusion.pipeline import check_run, clip_forward, fuse_run
         from streams.rundir import load_stream_model
         from streams.train import use_fused_lstm
 
@@ -143,7 +146,7 @@ class Scorer:
             model, cfg, info = load_stream_model(self.run / stream, "best", self.device)
             if self.device.type == "cpu":
                 use_fused_lstm(model)
-            self.models[stream] = _tta_forward(model, info.get("module") or "model")
+            self.models[stream] = clip_forward(model, info.get("module") or "model")
             self.clip_cfgs[stream] = ClipConfig(steps=cfg.train.steps, flow_stack=cfg.model.flow_stack,
                                                 size=cfg.train.size)
             store = store or Path(info["run"].get("store", ""))
@@ -159,7 +162,7 @@ class Scorer:
         # Uniform-N sampling spans a whole stored clip; here each window takes N frames instead.
         self.window_frames = sampling.frames
         self.sampling = Sampling(fps=sampling.fps, size=sampling.size, short_side=sampling.short_side)
-        self.codec, self.bound = settings["codec"], settings["bound"]
+        self.codec, self.bound, self.rgb_codec = settings["codec"], settings["bound"], settings["rgb_codec"]
         backend = settings["backend"] if self.device.type == "cpu" else "auto"
         self.flow = FlowEstimator(settings["method"], backend, self.device, **settings["params"])
 
@@ -194,6 +197,8 @@ class Scorer:
             for j, i in enumerate(missing):
                 items[i][2], items[i][3] = fields[j], items[i - 1][0]
         frames = np.stack([h[1] for h in items])  # (m, H, W, 3)
+        if self.rgb_codec == "jpeg":  # the RGB stream trained on the store's JPEG frames; flow came from raw ones
+            frames = decode_rgb(encode_rgb(frames))
         flow = np.stack([h[2] for h in items[1:]])  # (m - 1, H, W, 2)
         logits = {"rgb": self._logit("rgb", frames, None), "flow": self._logit("flow", None, flow)}
         fused = fuse_logits(self.fusion, {s: np.array([v]) for s, v in logits.items()})[0]

@@ -44,7 +44,7 @@ def video_arrays(frames: int, label: int, side: int = SIDE) -> tuple[np.ndarray,
 
 def make_store(path: Path, videos: dict, side: int = SIDE) -> Path:
     """A store of synthetic videos: {video_id: (frames, label, group, split)}; float16 flow, exact."""
-    with StoreWriter(path, flow_codec="float16", bound=BOUND, root_attrs={"flow_method": "synthetic"}) as w:
+    with StoreWriter(path, flow_codec="float16", rgb_codec="raw", bound=BOUND, root_attrs={"flow_method": "synthetic"}) as w:
         for video_id, (frames, label, group, split) in videos.items():
             rgb, flow = video_arrays(frames, label, side)
             attrs = dict(label=label, group=group, split=split, source_path=f"/videos/{video_id}.mp4",

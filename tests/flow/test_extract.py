@@ -16,7 +16,7 @@ from data.synthetic import render_clip, write_video
 from flow.api import flow_params
 from flow.extract import ExtractConfig, extract_dataset, failures_path, shard_rows
 
-FAST = ExtractConfig(method="farneback", backend="opencv", sampling=Sampling(size=32), workers=1)
+FAST = ExtractConfig(method="farneback", backend="opencv", sampling=Sampling(size=32), workers=1, rgb_codec="raw")
 
 
 def _clip(tmp: Path, name: str, frames: int, label: int, seed: int) -> ManifestRow:

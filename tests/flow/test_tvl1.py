@@ -83,6 +83,10 @@ def test_batch_equals_pairs_one_by_one():
     # frozen pairs stay frozen between reads.
     sparse = tvl1_module._tvl1(p, n, FAST, sync_every=4)
     assert torch.allclose(sparse, alone, atol=1e-5)
+    # CPU batches are solved a group at a time; a group boundary inside the batch changes nothing.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tvl1_module, "_CPU_GROUP_PIXELS", 2 * 32 * 40)
+        assert torch.allclose(tvl1(p, n, FAST), alone, atol=1e-5)
 
 
 def test_convergence_stops_early_and_epsilon_matters():

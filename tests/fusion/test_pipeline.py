@@ -144,7 +144,7 @@ SIDE = 32
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A store and a run whose streams are untrained tiny models, with predictions of view 0."""
+    """A store and a stage-1 run of untrained tiny heads, with the predictions of view 0."""
     root = tmp_path_factory.mktemp("tta_run")
     store = root / "store.h5"
     rng = np.random.default_rng(0)
@@ -156,7 +156,7 @@ def trained(tmp_path_factory):
                 flow = rng.normal(0, 3, (6, SIDE, SIDE, 2)).astype(np.float32)
                 w.write(vid, rgb, flow, dict(label=i % 2, group=vid, split=split, source_path=f"/{vid}.mp4",
                                              source_fps=10.0, source_size=[SIDE, SIDE], flow_method="synthetic"))
-    cfg = resolve_run_config(None, {"train": {"steps": 3, "stage": "finetune", "seed": 3},
+    cfg = resolve_run_config(None, {"train": {"steps": 3, "stage": "head", "seed": 3},
                                     "model": {"backbone": "resnet50", "flow_stack": 2, "lstm_layers": 1,
                                               "lstm_hidden": 8, "attention_heads": 2, "dense_units": [8, 4]}})
     run = root / "run"
@@ -166,11 +166,13 @@ def trained(tmp_path_factory):
         rd.path.mkdir(parents=True)
         rd.write_config(cfg, {"stream": stream, "store": str(store)})
         model = build_model(cfg, stream).eval()
-        rd.save_checkpoint("best", {"stage": 2, "module": "model", "model": model.state_dict(), "epoch": 0})
+        # A stage-1 run: the checkpoint holds the head; the backbone is the run's seeded initialisation.
+        rd.save_checkpoint("best", {"stage": 1, "module": "head", "model": model.head.state_dict(), "epoch": 0})
         for split, vids in ids.items():
             ds = ClipDataset(store, vids, stream, clip)
             with torch.inference_mode():
-                logits = model(torch.stack([ds[i]["clip"] for i in range(len(ds))])).numpy()
+                feats = model.forward_features(torch.stack([ds[i]["clip"] for i in range(len(ds))]))
+                logits = model.forward_head(feats.half().float()).numpy()  # as from the float16 cache
             rd.write_predictions(split, vids, [i % 2 for i in range(len(vids))], logits)
     return run, store, cfg
 
@@ -206,3 +208,50 @@ def test_cv_refuses_more_folds_than_groups(trained):
     _, store, _ = trained
     with pytest.raises(ValueError, match="more than the 8 source recordings"):
         cross_validate(store, folds=9, out=store.parent / "cv")
+
+
+def test_cross_validation_rounds_hold_out_whole_recordings(tmp_path, monkeypatch):
+    import fusion.pipeline as pipeline
+    from data.clips import video_ids_for_split
+    from data.store import Store
+    from fusion.presets import CPU
+    from streams.train import parse_fold
+
+    store = tmp_path / "s.h5"
+    rng = np.random.default_rng(0)
+    with StoreWriter(store, flow_codec="float16") as w:
+        for i in range(40):  # 8 recordings of 5 clips
+            w.write(f"v{i:02d}", rng.integers(0, 255, (3, 16, 16, 3), dtype=np.uint8),
+                    np.zeros((2, 16, 16, 2), np.float32),
+                    dict(label=int(i % 5 < 2 + (i // 5) % 2), group=f"rec{i // 5}", source_path=f"/v{i}.mp4",
+                         source_fps=10.0, source_size=[16, 16], flow_method="synthetic"))
+    trained = []
+
+    def fake_train(store_path, out, cfg, devices, on_event=None):
+        """Stand-in for training: streams whose logits follow the labels, on the fold's own split."""
+        trained.append(cfg.train.fold)
+        ids = video_ids_for_split(store_path, fold=parse_fold(cfg.train.fold))
+        with Store(store_path) as s:
+            for split in ("val", "test"):
+                y = np.array([s.label(v) for v in ids[split]])
+                for k, stream in enumerate(("rgb", "flow")):
+                    logits = (2 * y - 1) * (1 + k) + np.random.default_rng(k).normal(0, 1, len(y))
+                    write_predictions(Path(out) / stream / f"predictions_{split}.csv", ids[split], y, logits)
+        return {"rgb": "trained", "flow": "trained"}
+
+    monkeypatch.setattr(pipeline, "train_run", fake_train)
+    doc = cross_validate(store, folds=4, out=tmp_path / "cv", preset=CPU)
+    assert trained == ["0/4", "1/4", "2/4", "3/4"]
+    # Every video is tested exactly once, and a recording never in two test folds.
+    tested = [json.loads((tmp_path / "cv" / f"fold{k}" / "eval" / "metrics.json").read_text()) for k in range(4)]
+    groups_per_fold = []
+    for k in range(4):
+        ids = video_ids_for_split(store, fold=(k, 4))["test"]
+        groups_per_fold.append({f"rec{int(v[1:]) // 5}" for v in ids})
+        assert tested[k]["models"]["fused"]["n"] == len(ids)
+    assert sum(len(g) for g in groups_per_fold) == 8 and set().union(*groups_per_fold) == {f"rec{i}" for i in range(8)}
+    accs = [r["fused"]["accuracy"] for r in doc["rounds"]]
+    assert doc["summary"]["fused"]["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert doc["summary"]["fused"]["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
+    assert json.loads((tmp_path / "cv" / "cv.json").read_text())["folds"] == 4
+    assert "± " in (tmp_path / "cv" / "cv.md").read_text()
