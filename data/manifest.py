@@ -207,6 +207,7 @@ def write_manifest(rows: Iterable[ManifestRow], path: str | os.PathLike) -> None
                 )
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the result is an ordinary shared file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -22,7 +22,7 @@ _PARAMS = {"tvl1": TVL1Params, "farneback": FarnebackParams}
 _TORCH_FUNCTIONS = {"tvl1": tvl1, "farneback": farneback}
 # `auto` on a CPU: the faster backend at equal accuracy, as measured by benchmarks/flow_bench.py
 # on a 2-core machine at 224x224 (README, "Optical flow").
-CPU_AUTO_BACKEND = {"tvl1": "opencv", "farneback": "opencv"}
+CPU_AUTO_BACKEND = {"tvl1": "torch", "farneback": "opencv"}
 _GREY = (0.299, 0.587, 0.114)  # ITU-R BT.601, as cv2.cvtColor(RGB2GRAY)
 
 

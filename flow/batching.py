@@ -9,10 +9,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Rough device bytes one pair needs per pixel inside the torch estimators (images, flow, duals,
-# warped images and gradients, plus the pyramid and allocator slack), measured with
-# torch.cuda.max_memory_allocated on 224x224 pairs.
-BYTES_PER_PIXEL = {"tvl1": 400, "farneback": 320}
+# Device bytes one pair needs per pixel inside the torch estimators: an upper estimate from the
+# float32 planes each keeps alive (TV-L1: images, flow, six duals, warped image and gradients,
+# about 35 planes with the pyramid = 140 B, doubled for the compiled kernels' temporaries and
+# allocator slack). An underestimate costs one OOM back-off, never a crash.
+BYTES_PER_PIXEL = {"tvl1": 300, "farneback": 320}
 CPU_BATCH = 16
 MAX_BATCH = 1024
 

@@ -556,7 +556,10 @@ def _generate_synthetic(folder: Path, spec) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     generate_dataset(tmp, spec)
     if folder.exists():
-        folder.rmdir()  # an empty folder left by an earlier attempt; a full one would refuse here
+        if any(folder.iterdir()):
+            raise ValueError(f"{folder} holds files but no synthetic dataset (no groups.csv); move it away or "
+                             "choose another --out")
+        folder.rmdir()
     tmp.rename(folder)
     return folder
 

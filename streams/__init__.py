@@ -1,1 +1,47 @@
 """Backbones, the stream model (VGG19 + Bi-LSTM + attention), losses, schedules and training."""
+
+from __future__ import annotations
+
+import importlib
+
+# Public names and the module that defines each; imported on first use, so that importing the
+# package stays cheap and the packages can use each other without import cycles.
+_EXPORTS = {
+    "ModelConfig": "streams.config",
+    "LossConfig": "streams.config",
+    "OptimConfig": "streams.config",
+    "build_backbone": "streams.backbones",
+    "Backbone": "streams.backbones",
+    "normalize_rgb": "streams.backbones",
+    "normalize_flow": "streams.backbones",
+    "build_head": "streams.heads",
+    "StreamModel": "streams.model",
+    "build_stream_model": "streams.model",
+    "focal_loss": "streams.losses",
+    "FocalLoss": "streams.losses",
+    "build_loss": "streams.losses",
+    "lr_at": "streams.schedule",
+    "TrainConfig": "streams.train",
+    "train_one_epoch": "streams.train",
+    "evaluate": "streams.train",
+    "fit_stage": "streams.train",
+    "save_checkpoint": "streams.checkpoint",
+    "load_checkpoint": "streams.checkpoint",
+    "RunConfig": "streams.rundir",
+    "load_stream_model": "streams.rundir",
+    "train_stream": "streams.launch",
+    "train_both": "streams.launch",
+    "cache_features": "streams.features",
+    "FeatureDataset": "streams.features",
+    "features_path": "streams.features",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
