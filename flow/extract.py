@@ -4,9 +4,12 @@ write each finished video into the crash-safe store, and record the videos that 
 from __future__ import annotations
 
 import csv
+import ctypes
 import logging
 import os
 import queue
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -120,6 +123,18 @@ def _init_worker() -> None:
     import cv2
 
     cv2.setNumThreads(1)  # one core per decoding process; the estimator owns the rest
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to end this worker when the extracting process dies, even by kill -9."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        log.debug("cannot tie decoding workers to the parent's life on this system")
 
 
 def _decoded_stream(rows: Sequence[ManifestRow], sampling: Sampling, workers: int, window: int) -> Iterator[_Decoded]:

@@ -125,8 +125,14 @@ def test_kill_during_extraction_keeps_completed_videos(tmp_path):
             break
         time.sleep(0.05)
     assert proc.poll() is None, "extraction finished before it could be killed; make the job longer"
+    children = _children(proc.pid)
+    assert children, "the extraction should decode in worker processes"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(pid) for pid in children):
+        time.sleep(0.1)
+    assert not [pid for pid in children if _alive(pid)], "decoding workers outlived the killed extraction"
     store = Store(store_path)
     survivors = set(store.video_ids)
     assert 3 <= len(survivors) < len(rows)
@@ -138,3 +144,20 @@ def test_kill_during_extraction_keeps_completed_videos(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     final = Store(store_path)
     assert sorted(final.video_ids) == sorted(r.video_id for r in rows) and final.validate() == []
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found += [int(c) for c in text]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
