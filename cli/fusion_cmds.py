@@ -119,7 +119,7 @@ def evaluate(
 
 @user_errors
 def cv(
-    store: Annotated[Path, typer.Argument(help="Store file from `twostream extract`.")],
+    store: Annotated[Path, typer.Argument(help="Store file from `twostream extract`, or a dataset folder/CSV (indexed and extracted into OUT with the preset's settings).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the fold runs, cv.json and cv.md.")],
     folds: Annotated[int, typer.Option(help="Stratified group folds (no recording in two folds).")] = 5,
     preset: Annotated[PresetName, typer.Option(help="Training settings: cpu (small, fast), gpu (the report's), auto.")] = PresetName.auto,

@@ -466,7 +466,8 @@ def cross_validate(
 ) -> dict[str, Any]:
     """Stratified group k-fold: per fold train both streams, fuse on its val part, evaluate on its test fold.
 
-    No source recording is in two folds; each round's validation part is carved from the
+    `store` may also be a dataset folder or CSV: it is indexed and extracted into OUT/store.h5
+    with the preset's settings first (OUT/manifest.csv, resumable). No source recording is in two folds; each round's validation part is carved from the
     training folds by group (data.splits.fold_split). `config` (a streams RunConfig) replaces the
     preset's training config. Writes OUT/fold<k>/ runs, OUT/cv.json and OUT/cv.md; returns the
     summary {"folds": [...], "summary": {model: {metric: {"mean", "std"}}}}.
@@ -474,11 +475,15 @@ def cross_validate(
     from fusion.presets import train_devices
 
     store = Path(store)
-    if not store.exists() and not store.with_name(store.name + ".parts").is_dir():
-        raise FileNotFoundError(f"store {store} does not exist; make it with `twostream extract`")
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise ValueError(f"--folds must be at least 2, got {folds}")
     k = check_tta(tta)
+    chosen = _preset(preset)
+    if store.is_dir() or store.suffix.lower() == ".csv":  # a dataset: index and extract it first
+        Path(out).mkdir(parents=True, exist_ok=True)
+        store = prepare_store(store, Path(out), chosen)
+    if not store.exists() and not store.with_name(store.name + ".parts").is_dir():
+        raise FileNotFoundError(f"store {store} does not exist; make it with `twostream extract`")
     labels, groups = _store_groups(store)
     n_groups = len(np.unique(groups))
     if folds > n_groups:
@@ -486,7 +491,6 @@ def cross_validate(
             f"--folds {folds} is more than the {n_groups} source recordings (groups) in {store}; "
             f"use at most {n_groups} folds"
         )
-    chosen = _preset(preset)
     base = config if config is not None else chosen.run_config(epochs)
     if config is not None and epochs is not None:
         base = replace(base, train=replace(base.train, epochs=epochs))
@@ -564,6 +568,34 @@ def _generate_synthetic(folder: Path, spec) -> Path:
     return folder
 
 
+def prepare_store(source: str | Path, out: Path, preset, groups: Path | None = None, step=None) -> Path:
+    """Index a dataset folder or CSV into OUT/manifest.csv and extract it into OUT/store.h5 with
+    the preset's sampling and flow; both steps reuse what an earlier run finished."""
+    from data.layouts import index_dataset
+    from data.manifest import read_manifest, write_manifest
+    from data.splits import assign_splits
+    from flow.extract import extract_dataset
+
+    step = step or (lambda name, status, start: logger.info("%s: %s", name, status))
+    manifest = out / "manifest.csv"
+    t = time.perf_counter()
+    if manifest.is_file():
+        rows = read_manifest(manifest)
+        step("index", "reused", t)
+    else:
+        rows = assign_splits(index_dataset(source, groups_file=groups))
+        write_manifest(rows, manifest)
+        step("index", f"{len(rows)} videos", t)
+    t = time.perf_counter()
+    store = out / "store.h5"
+    summary = extract_dataset(rows, store, preset.extract_config())
+    if not summary.written and not summary.skipped:
+        raise ValueError(f"no video of {source} could be read; see {summary.failures_csv}")
+    step("extract", f"{len(summary.written)} written, {len(summary.skipped)} reused, "
+                    f"{len(summary.failures)} failed", t)
+    return store
+
+
 def run_job(
     data_dir: str | Path | None,
     out: str | Path,
@@ -580,10 +612,6 @@ def run_job(
     features, each trained stream (best.pt + predictions) or its last checkpoint. Returns
     {"preset", "steps": {step: {"seconds", "status"}}, "metrics", "report", "fallback_reason"}.
     """
-    from data.layouts import index_dataset
-    from data.manifest import read_manifest, write_manifest
-    from data.splits import assign_splits
-    from flow.extract import extract_dataset
     from fusion.presets import train_devices
 
     chosen = _preset(preset)
@@ -611,22 +639,7 @@ def run_job(
     else:
         source = Path(data_dir)
         groups = None
-    manifest = out / "manifest.csv"
-    t = time.perf_counter()
-    if manifest.is_file():
-        rows = read_manifest(manifest)
-        step("index", "reused", t)
-    else:
-        rows = assign_splits(index_dataset(source, groups_file=groups))
-        write_manifest(rows, manifest)
-        step("index", f"{len(rows)} videos", t)
-    t = time.perf_counter()
-    store = out / "store.h5"
-    summary = extract_dataset(rows, store, chosen.extract_config())
-    if not summary.written and not summary.skipped:
-        raise ValueError(f"no video of {source} could be read; see {summary.failures_csv}")
-    step("extract", f"{len(summary.written)} written, {len(summary.skipped)} reused, "
-                    f"{len(summary.failures)} failed", t)
+    store = prepare_store(source, out, chosen, groups, step)
     t = time.perf_counter()
     status = train_run(store, out, chosen.run_config(epochs), train_devices(chosen), on_event)
     step("train", ", ".join(f"{s} {v}" for s, v in status.items()), t)

@@ -255,3 +255,35 @@ def test_cross_validation_rounds_hold_out_whole_recordings(tmp_path, monkeypatch
     assert doc["summary"]["fused"]["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
     assert json.loads((tmp_path / "cv" / "cv.json").read_text())["folds"] == 4
     assert "± " in (tmp_path / "cv" / "cv.md").read_text()
+
+
+def test_cross_validation_of_a_dataset_folder_indexes_and_extracts_it_first(tmp_path, monkeypatch):
+    import fusion.pipeline as pipeline
+    from data.store import Store
+    from data.synthetic import SyntheticSpec, generate_dataset
+    from fusion.presets import CPU
+
+    data = generate_dataset(tmp_path / "data", SyntheticSpec(videos=32, recordings=8, frames=(6, 8), size=(48, 64)))
+    seen = []
+
+    def fake_train(store_path, out, cfg, devices, on_event=None):
+        seen.append(Path(store_path))
+        from data.clips import video_ids_for_split
+        from streams.train import parse_fold
+
+        ids = video_ids_for_split(store_path, fold=parse_fold(cfg.train.fold))
+        with Store(store_path) as s:
+            for split in ("val", "test"):
+                y = np.array([s.label(v) for v in ids[split]])
+                for k, stream in enumerate(("rgb", "flow")):
+                    logits = (2 * y - 1) * (1 + k) + np.random.default_rng(k).normal(0, 0.5, len(y))
+                    write_predictions(Path(out) / stream / f"predictions_{split}.csv", ids[split], y, logits)
+        return {"rgb": "trained", "flow": "trained"}
+
+    monkeypatch.setattr(pipeline, "train_run", fake_train)
+    doc = cross_validate(data, folds=2, out=tmp_path / "cv", preset=CPU)
+    store = tmp_path / "cv" / "store.h5"
+    assert set(seen) == {store} and (tmp_path / "cv" / "manifest.csv").is_file()
+    with Store(store) as s:
+        assert len(s) == 32 and s.root_attrs["flow_method"] == CPU.flow_method
+    assert doc["folds"] == 2
