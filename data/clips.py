@@ -154,7 +154,7 @@ def _chunked(fn, x: np.ndarray) -> np.ndarray:
     return out.reshape(*lead, *out.shape[-3:])
 
 
-def _resize(x: np.ndarray, side: int, vectors: bool = False) -> np.ndarray:
+def resize_clip(x: np.ndarray, side: int, vectors: bool = False) -> np.ndarray:
     """(..., H, W, C) -> (..., side, side, C); area averaging when shrinking. Flow vectors rescale."""
     h, w, c = x.shape[-3:]
     if (h, w) == (side, side):
@@ -283,7 +283,7 @@ class ClipDataset(torch.utils.data.Dataset):
         if self.cfg.size is not None:
             # Resizing first: the augmentation's geometry is relative to the frame, and it then
             # warps only the output pixels.
-            frames = _resize(frames, self.cfg.size)
+            frames = resize_clip(frames, self.cfg.size)
         frames = _warp(frames, params)
         if (params.brightness, params.contrast, params.saturation) != (1.0, 1.0, 1.0):
             frames = color_jitter(frames, params.brightness, params.contrast, params.saturation)
@@ -296,7 +296,7 @@ class ClipDataset(torch.utils.data.Dataset):
         if params.rate != 1.0:
             flow = flow * np.float32(params.rate)  # a faster replay moves further per field
         if self.cfg.size is not None:
-            flow = _resize(flow, self.cfg.size, vectors=True)
+            flow = resize_clip(flow, self.cfg.size, vectors=True)
         flow = _warp(flow, params, vectors=True)
         bound = self.store.flow_bound(video_id)  # recorded per video, else the store's, else 20
         return normalize_flow(_planar(flow), bound).contiguous()  # (T, 2L, H, W)

@@ -20,13 +20,16 @@ CLASS_NAMES = ("non_violent", "violent")  # index = label
 ECE_BINS = 15
 
 
-def _check(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def check_scores(
+    labels: np.ndarray, probs: np.ndarray, empty: str = "cannot compute metrics on an empty set"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (0/1) and violent-class probabilities as flat int64/float64 arrays, or a clear ValueError."""
     labels = np.asarray(labels).reshape(-1)
     probs = np.asarray(probs, np.float64).reshape(-1)
     if labels.shape != probs.shape:
         raise ValueError(f"got {labels.size} labels and {probs.size} probabilities")
     if labels.size == 0:
-        raise ValueError("cannot compute metrics on an empty set")
+        raise ValueError(empty)
     if not np.isin(labels, (0, 1)).all():
         raise ValueError("labels must be 1 (violent) or 0 (non-violent)")
     if not (np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()):
@@ -45,7 +48,7 @@ def expected_calibration_error(
 
     Shape: labels, probs (N,).
     """
-    labels, probs = _check(labels, probs)
+    labels, probs = check_scores(labels, probs)
     bins = np.minimum((probs * n_bins).astype(np.int64), n_bins - 1)  # (N,) bin index
     counts = np.bincount(bins, minlength=n_bins)
     gap = np.abs(
@@ -65,7 +68,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.
 
     Shape: labels, probs (N,).
     """
-    labels, probs = _check(labels, probs)
+    labels, probs = check_scores(labels, probs)
     threshold = float(threshold)
     pred = (probs >= threshold).astype(np.int64)
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -102,7 +105,7 @@ def compute_curves(labels: np.ndarray, probs: np.ndarray) -> dict | None:
     Returns:
         {"roc": {"fpr", "tpr", "auc"}, "pr": {"precision", "recall", "ap", "base_rate"}} or None.
     """
-    labels, probs = _check(labels, probs)
+    labels, probs = check_scores(labels, probs)
     if labels.min() == labels.max():
         return None
     fpr, tpr, _ = roc_curve(labels, probs)

@@ -10,21 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from fusion.metrics import check_scores
+
 GOALS = ("accuracy", "f1", "recall")
-
-
-def _check(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    labels = np.asarray(labels).reshape(-1)
-    probs = np.asarray(probs, np.float64).reshape(-1)
-    if labels.shape != probs.shape:
-        raise ValueError(f"got {labels.size} labels and {probs.size} probabilities")
-    if labels.size == 0:
-        raise ValueError("cannot choose a threshold on an empty validation set")
-    if not np.isin(labels, (0, 1)).all():
-        raise ValueError("labels must be 1 (violent) or 0 (non-violent)")
-    if not (np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()):
-        raise ValueError("probabilities must be finite and lie in [0, 1]")
-    return labels.astype(np.int64), probs
 
 
 def threshold_table(labels: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
@@ -36,7 +24,7 @@ def threshold_table(labels: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarr
     Returns:
         dict of `threshold`, `tp`, `fp`, `fn`, `tn` arrays.
     """
-    labels, probs = _check(labels, probs)
+    labels, probs = check_scores(labels, probs, "cannot choose a threshold on an empty validation set")
     scores, inverse = np.unique(probs, return_inverse=True)  # (K,) ascending
     pos_at = np.bincount(inverse, weights=labels, minlength=len(scores))
     neg_at = np.bincount(inverse, weights=1 - labels, minlength=len(scores))

@@ -24,12 +24,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
 from data.augment import ClipParams, spatial_matrix, warp_affine
-from data.clips import ClipConfig, flow_positions, stack_fields, uniform_positions
+from data.clips import ClipConfig, flow_positions, resize_clip, stack_fields, uniform_positions
 from data.store import Store
 from fusion.predictions import Predictions, average_views
 from streams.backbones import normalize_flow, normalize_rgb
@@ -103,20 +102,6 @@ def view_positions(count: int, steps: int, view: ViewSpec) -> np.ndarray:
     return np.floor(np.linspace(lo, hi, steps) + 0.5).astype(np.int64)
 
 
-def _resize(x: np.ndarray, side: int, vectors: bool = False) -> np.ndarray:
-    """(..., H, W, C) -> (..., side, side, C) as the clip datasets resize (area when shrinking)."""
-    h, w, c = x.shape[-3:]
-    if (h, w) == (side, side):
-        return x
-    interp = cv2.INTER_AREA if side * side < h * w else cv2.INTER_LINEAR
-    flat = x.reshape(-1, h, w, c)
-    out = np.stack([cv2.resize(img, (side, side), interpolation=interp) for img in flat])
-    out = out.reshape(*x.shape[:-3], side, side, c)
-    if vectors:
-        out = out * np.array([side / w, side / h], np.float32)
-    return out
-
-
 def _warp(x: np.ndarray, view: ViewSpec, vectors: bool) -> np.ndarray:
     params = view.params
     if params.is_spatial_identity:
@@ -131,7 +116,7 @@ def rgb_view(frames: np.ndarray, view: ViewSpec, size: int | None = None) -> tor
     """
     frames = _warp(np.asarray(frames), view, vectors=False)
     if size is not None:
-        frames = _resize(frames, size)
+        frames = resize_clip(frames, size)
     return normalize_rgb(torch.from_numpy(np.ascontiguousarray(frames))).contiguous()
 
 
@@ -142,7 +127,7 @@ def flow_view(flow: np.ndarray, view: ViewSpec, size: int | None, bound: float) 
     """
     flow = _warp(np.asarray(flow, np.float32), view, vectors=True)
     if size is not None:
-        flow = _resize(flow, size, vectors=True)
+        flow = resize_clip(flow, size, vectors=True)
     return normalize_flow(torch.from_numpy(np.ascontiguousarray(flow)), bound).contiguous()
 
 
