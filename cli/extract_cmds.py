@@ -159,25 +159,24 @@ def info(store: Path = typer.Argument(..., help="Store file.")) -> None:
 
     if not store.exists() and not Path(str(store) + ".parts").exists():
         raise FileNotFoundError(f"store {store} does not exist")
-    s = Store(store)
-    counts = Counter((s.attrs(v).get("split", "") or "-", s.label(v)) for v in s.video_ids)
-    splits = sorted({k for k, _ in counts})
-    rows = [[k, counts[(k, 1)], counts[(k, 0)]] for k in splits]
-    out.print(table(f"{store}: {len(s)} videos", ["split", "violent", "non-violent"], rows))
-    frames = [s.num_frames(v) for v in s.video_ids]
-    root = s.root_attrs
-    body = [
-        ["frames per video", f"min {min(frames, default=0)}, mean {sum(frames) / max(1, len(frames)):.1f}, max {max(frames, default=0)}"],
-        ["flow", f"{root.get('flow_method', '?')} ({root.get('flow_backend', '?')}), codec {root.get('flow_codec', '?')}, bound {root.get('flow_bound', '?')}"],
-        ["flow parameters", root.get("flow_params", "?")],
-        ["sampling", root.get("sampling", "?")],
-        ["size on disk", f"{s.disk_bytes() / 1e6:.2f} MB"],
-        ["bytes per flow field", f"{s.flow_bytes_per_field():.0f}"],
-        ["schema version", root.get("schema_version", "?")],
-    ]
-    out.print(table("store", ["", ""], body))
-    problems = s.validate()
-    s.close()
+    with Store(store) as s:
+        counts = Counter((s.attrs(v).get("split", "") or "-", s.label(v)) for v in s.video_ids)
+        splits = sorted({k for k, _ in counts})
+        rows = [[k, counts[(k, 1)], counts[(k, 0)]] for k in splits]
+        out.print(table(f"{store}: {len(s)} videos", ["split", "violent", "non-violent"], rows))
+        frames = [s.num_frames(v) for v in s.video_ids]
+        root = s.root_attrs
+        body = [
+            ["frames per video", f"min {min(frames, default=0)}, mean {sum(frames) / max(1, len(frames)):.1f}, max {max(frames, default=0)}"],
+            ["flow", f"{root.get('flow_method', '?')} ({root.get('flow_backend', '?')}), codec {root.get('flow_codec', '?')}, bound {root.get('flow_bound', '?')}"],
+            ["flow parameters", root.get("flow_params", "?")],
+            ["sampling", root.get("sampling", "?")],
+            ["size on disk", f"{s.disk_bytes() / 1e6:.2f} MB"],
+            ["bytes per flow field", f"{s.flow_bytes_per_field():.0f}"],
+            ["schema version", root.get("schema_version", "?")],
+        ]
+        out.print(table("store", ["", ""], body))
+        problems = s.validate()
     if problems:
         for p in problems:
             err.print(f"[red]corrupt:[/] {p}")

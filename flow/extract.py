@@ -201,7 +201,8 @@ def _root_attrs(cfg: ExtractConfig, estimator: FlowEstimator, codec: str | None)
 def _check_resumable(path: Path, attrs: dict) -> None:
     if not path.exists() and not Path(str(path) + ".parts").exists():
         return
-    existing = Store(path).root_attrs
+    with Store(path) as store:
+        existing = store.root_attrs
     for key in _RESUME_KEYS:
         if key in existing and str(existing[key]) != str(attrs[key]):
             raise ValueError(f"{path} was extracted with {key}={existing[key]}, not {attrs[key]}; write to a new output path")

@@ -19,7 +19,7 @@ from scipy.optimize import minimize
 from scipy.special import expit, logit
 from sklearn.utils.class_weight import compute_sample_weight
 
-from fusion.predictions import Predictions, align_all, load_split, write_atomic
+from fusion.predictions import Predictions, align_all, load_split, read_json, write_atomic
 from fusion.threshold import GOALS, choose_threshold
 
 try:
@@ -83,13 +83,7 @@ def save_ensemble(weights: EnsembleWeights, path: str | Path) -> Path:
 
 def load_ensemble(path: str | Path) -> EnsembleWeights:
     """Read weights written by `save_ensemble`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ensemble weights not found: {path}")
-    try:
-        return EnsembleWeights.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    return EnsembleWeights.from_dict(read_json(path, "ensemble weights"))
 
 
 def combine_logits(weights: EnsembleWeights, logits: Mapping[str, np.ndarray]) -> np.ndarray:

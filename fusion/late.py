@@ -26,7 +26,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.class_weight import compute_sample_weight
 
 from fusion.metrics import compute_metrics
-from fusion.predictions import Predictions, align_all, write_atomic
+from fusion.predictions import Predictions, align_all, read_json, write_atomic
 from fusion.threshold import GOALS, choose_threshold
 
 logger = logging.getLogger(__name__)
@@ -128,14 +128,7 @@ def save_fusion(model: FusionModel, path: str | Path) -> Path:
 
 def load_fusion(path: str | Path) -> FusionModel:
     """Read a model written by `save_fusion`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"fusion model not found: {path}")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    return FusionModel.from_dict(d)
+    return FusionModel.from_dict(read_json(path, "fusion model"))
 
 
 def _feature_names(streams: tuple[str, ...], dims: Mapping[str, int]) -> tuple[str, ...]:

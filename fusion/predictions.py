@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import tempfile
@@ -84,6 +85,17 @@ class Predictions:
         """The rows at `index` (integer or boolean), still sorted."""
         emb = None if self.embeddings is None else self.embeddings[index]
         return Predictions(self.video_ids[index], self.labels[index], self.logits[index], emb)
+
+
+def read_json(path: str | Path, what: str):
+    """The JSON document at `path`; a missing file or bad JSON is a one-line error naming `what`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
