@@ -9,15 +9,17 @@ Accuracy: mean end-point error against ground truth on synthetic pairs (a textur
 smooth field, flow/groundtruth.py) and on the FlyingChairs pairs when the folder is present, for
 both parameter sets in common use: the tutorial set (0.5, 3, 15, 3, 5, 1.2, 0), FarnebackParams'
 defaults, and cv2.FarnebackOpticalFlow_create()'s (0.5, 5, 13, 10, 5, 1.1, 0). Also the mean
-per-pixel gap between the two implementations. Where the 2x2 systems are near-singular (flat or
-saturated regions, motion out of the frame) both produce large, arbitrary flows that float
-rounding decides, so FlyingChairs EPEs differ by chance in the 3rd decimal (more with 10
-iterations); --perturb K adds rows over K copies with N(0, 0.5) grey-level noise to average that.
+and largest per-pixel gap between the two implementations; --per-pair lists them for each
+FlyingChairs pair. Where the 2x2 systems are near-singular (flat or saturated regions, aperture
+problems) the flow follows rounding residues, so any rounding that differs from OpenCV's shows up
+as pixels of difference there; flow/farneback.py rounds as OpenCV does, which keeps the gap at
+float-rounding level. --perturb K adds rows over K copies with N(0, 0.5) grey-level noise.
 
 Speed: pairs/s at --size for each torch batch size, next to OpenCV one pair at a time and OpenCV
 with one pair per core in a thread pool, interleaved in rounds within this one run (best round
-kept). On a machine busy with other work, torch's spinning OpenMP threads collapse; run with
-OMP_WAIT_POLICY=PASSIVE or --threads 1 there.
+kept), with the process CPU time per pair beside each rate (on a busy machine the steadier figure).
+On a CPU flow/farneback.py runs each op on one thread and spreads the pairs over
+torch.get_num_threads() threads, as the OpenCV pool does; --threads sets both.
 """
 
 from __future__ import annotations
@@ -63,20 +65,30 @@ def torch_pairs(
     return out.cpu().numpy()
 
 
+def pair_rows(
+    triples: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    params: FarnebackParams,
+    device: torch.device,
+) -> list[tuple[float, float, float, float]]:
+    """Per pair: (EPE torch, EPE cv2, mean |torch - cv2|, max |torch - cv2|), one at a time."""
+    rows = []
+    for prev, nxt, gt in triples:
+        f_t = torch_pairs(prev[None], nxt[None], params, device)[0]
+        f_c = cv2_pairs(prev[None], nxt[None], params)[0]
+        gap = np.abs(f_t - f_c)
+        rows.append((epe(f_t, gt), epe(f_c, gt), float(gap.mean()), float(gap.max())))
+    return rows
+
+
 def accuracy_rows(
     triples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], device: torch.device
 ) -> list[tuple]:
-    """(preset, EPE torch, EPE cv2, mean |torch - cv2|) over pairs of any size, one at a time."""
+    """(preset, EPE torch, EPE cv2, mean |torch - cv2|, max |torch - cv2|) over pairs."""
     rows = []
     for name, params in PRESETS.items():
-        ours, theirs, gap = [], [], []
-        for prev, nxt, gt in triples:
-            f_t = torch_pairs(prev[None], nxt[None], params, device)[0]
-            f_c = cv2_pairs(prev[None], nxt[None], params)[0]
-            ours.append(epe(f_t, gt))
-            theirs.append(epe(f_c, gt))
-            gap.append(float(np.abs(f_t - f_c).mean()))
-        rows.append((name, float(np.mean(ours)), float(np.mean(theirs)), float(np.mean(gap))))
+        per_pair = np.array(pair_rows(triples, params, device))
+        ours, theirs, gap = per_pair[:, :3].mean(0)
+        rows.append((name, float(ours), float(theirs), float(gap), float(per_pair[:, 3].max())))
     return rows
 
 
@@ -84,20 +96,24 @@ def _noisy(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (img + rng.normal(0.0, 0.5, img.shape)).astype(np.float32)
 
 
-def _rate(run, pairs_per_call: int, seconds: float, sync) -> float:
-    """Pairs per second of `run` over at least `seconds` (whole calls)."""
-    calls, start = 0, time.perf_counter()
+def _rate(run, pairs_per_call: int, seconds: float, sync) -> tuple[float, float]:
+    """Pairs per second of `run` over at least `seconds` (whole calls), and CPU ms per pair."""
+    calls, start, cpu = 0, time.perf_counter(), time.process_time()
     while True:
         run()
         calls += 1
         sync()
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
-            return calls * pairs_per_call / elapsed
+            pairs = calls * pairs_per_call
+            return pairs / elapsed, (time.process_time() - cpu) * 1e3 / pairs
 
 
-def speed_rows(args, params: FarnebackParams, device: torch.device) -> list[tuple[str, float]]:
-    """Best pairs/s of each contender over `--rounds` interleaved rounds (load only slows)."""
+def speed_rows(
+    args, params: FarnebackParams, device: torch.device
+) -> list[tuple[str, float, float]]:
+    """Best pairs/s and least CPU ms per pair of each contender over `--rounds` interleaved
+    rounds (load only slows)."""
     pool = max(int(b) for b in args.batches.split(","))
     prev, nxt, _ = synthetic_pairs(pool, args.size, args.size, seed=100)
     t_prev = torch.from_numpy(prev).to(device).float()
@@ -136,16 +152,18 @@ def speed_rows(args, params: FarnebackParams, device: torch.device) -> list[tupl
         for b in args.batches.split(",")
     ]
     best = {label: 0.0 for label, _, _ in contenders}
+    least_cpu = {label: float("inf") for label, _, _ in contenders}
     with torch.inference_mode():
         for _, run, sync in contenders:  # warm-up: first-call allocations and kernel loading
             run()
             sync()
         for _ in range(args.rounds):
             for label, run, sync in contenders:
-                rate = _rate(run, pool, args.seconds / args.rounds, sync)
+                rate, cpu_ms = _rate(run, pool, args.seconds / args.rounds, sync)
                 best[label] = max(best[label], rate)
+                least_cpu[label] = min(least_cpu[label], cpu_ms)
     executor.shutdown()
-    return list(best.items())
+    return [(label, best[label], least_cpu[label]) for label in best]
 
 
 def main() -> None:
@@ -159,6 +177,8 @@ def main() -> None:
         "--synthetic", type=int, default=8, help="synthetic pairs for the accuracy rows"
     )
     ap.add_argument("--perturb", type=int, default=0, help="noisy FlyingChairs copies to average")
+    ap.add_argument("--per-pair", action="store_true", help="a row per FlyingChairs pair")
+    ap.add_argument("--no-speed", action="store_true", help="accuracy rows only")
     ap.add_argument(
         "--preset", default="tutorial", choices=sorted(PRESETS), help="parameter set timed"
     )
@@ -198,10 +218,19 @@ def main() -> None:
     else:
         print(f"note: no FlyingChairs folder at {args.data}; its rows are skipped")
     print("\nmean EPE (px) against ground truth, same parameters for both")
-    print(f"{'pairs':<48} {'preset':<9} {'torch':>9} {'opencv':>9} {'|torch-cv|':>11}")
+    print(f"{'pairs':<48} {'preset':<9} {'torch':>9} {'opencv':>9} {'|torch-cv|':>11} {'max':>9}")
     for label, triples in sets:
-        for preset, ours, theirs, gap in accuracy_rows(triples, device):
-            print(f"{label:<48} {preset:<9} {ours:9.5f} {theirs:9.5f} {gap:11.2e}")
+        for preset, ours, theirs, gap, most in accuracy_rows(triples, device):
+            print(f"{label:<48} {preset:<9} {ours:9.5f} {theirs:9.5f} {gap:11.2e} {most:9.2e}")
+    if args.per_pair and len(sets) > 1:
+        print("\nFlyingChairs per pair: EPE torch, EPE opencv (px), mean and max |torch - cv| (px)")
+        for preset, params in PRESETS.items():
+            for i, row in enumerate(pair_rows(sets[1][1], params, device)):
+                print(
+                    f"{preset:<9} pair {i}  {row[0]:9.5f} {row[1]:9.5f} {row[2]:11.2e} {row[3]:9.2e}"
+                )
+    if args.no_speed:
+        return
 
     params = PRESETS[args.preset]
     print(
@@ -209,10 +238,10 @@ def main() -> None:
     )
     rows = speed_rows(args, params, device)
     sequential = rows[0][1]
-    for label, rate in rows:
+    for label, rate, cpu_ms in rows:
         print(
             f"{label:<48} {rate:8.1f} pairs/s  {rate / sequential:5.2f}x opencv one-at-a-time"
-            f"  {rate / rows[1][1]:5.2f}x opencv pool"
+            f"  {rate / rows[1][1]:5.2f}x opencv pool  {cpu_ms:6.2f} CPU ms/pair"
         )
 
 

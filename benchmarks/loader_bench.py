@@ -12,10 +12,14 @@ temporary file, so both codecs are measured on the same clips. Prints, in one ru
 - size on disk and RGB bytes per frame of both codecs, and the JPEG frames' PSNR;
 - RGB clips/s through a DataLoader from the store (JPEG and raw frames) next to decoding the very
   same clips from the source videos (`data.video.read_video` with the store's sampling, the same
-  frame indices, the same normalisation and workers), checked to hold the same frames (raw:
-  identical; JPEG: PSNR); the same for the frames alone (uint8, no normalisation), which is what
-  the store itself speeds up; flow clips/s from the store (there is no decode baseline: flow
-  would have to be computed);
+  frame indices, the same workers), both delivering what training consumes: (T, 3, H, W) uint8
+  clips, checked to hold the same frames (raw: identical; JPEG: PSNR); flow clips/s from the
+  store (float16 px; there is no decode baseline: flow would have to be computed);
+- the same RGB clips once normalised on the consumer's device (`data.clips.normalize_clip`, here
+  the CPU of the main process), the same step for the store and the decoding baseline;
+- for every row, besides the DataLoader's clips/s, the CPU milliseconds per clip of one worker
+  (loaded in this process on one thread, collation included, best of the passes): on a shared
+  machine wall-clock rates swing with the load, CPU time much less;
 - frames/s of feature caching (vgg19 on the CPU at a small size, model build excluded);
 - peak RSS of a process loading N and 10N clips, which stays flat because clips stream from disk.
 """
@@ -38,24 +42,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data.augment import AugmentConfig  # noqa: E402
-from data.clips import ClipConfig, ClipDataset  # noqa: E402
+from data.clips import ClipConfig, ClipDataset, channels_first, clip_inputs  # noqa: E402
 from data.sampling import Sampling  # noqa: E402
-from data.store import Store, recode_rgb  # noqa: E402
+from data.shards import recode_rgb  # noqa: E402
+from data.store import Store  # noqa: E402
 from data.video import read_video  # noqa: E402
-from streams.backbones import normalize_rgb  # noqa: E402
 
 
 class DecodedClips(torch.utils.data.Dataset):
     """The clips of a ClipDataset, decoded from the source videos instead of read from the store.
 
-    With `normalize=False` the clip is the (T, H, W, 3) uint8 frames alone."""
+    Items hold what an evaluation `ClipDataset` holds: "clip" (T, 3, H, W) uint8, "index" (T,)."""
 
-    def __init__(self, store: Store, video_ids: list[str], index: dict[str, np.ndarray],
-                 normalize: bool = True) -> None:
+    def __init__(self, store: Store, video_ids: list[str], index: dict[str, np.ndarray]) -> None:
         self.store = store
         self.video_ids = video_ids
         self.index = index  # video id -> (T,) frame indices of the store clip
-        self.normalize = normalize
 
     def __len__(self) -> int:
         return len(self.video_ids)
@@ -65,41 +67,17 @@ class DecodedClips(torch.utils.data.Dataset):
         attrs = self.store.attrs(video_id)
         frames, _, _ = read_video(attrs["source_path"], Sampling.from_attrs(attrs, prefix="sampling_"))
         idx = self.index[video_id]
-        clip = torch.from_numpy(frames[idx])
-        if self.normalize:
-            clip = normalize_rgb(clip).contiguous()
-        return {"video_id": video_id, "clip": clip, "index": torch.from_numpy(idx)}
-
-
-class StoreFrames(torch.utils.data.Dataset):
-    """The frames of the same clips read from the store, (T, H, W, 3) uint8, not normalised."""
-
-    def __init__(self, store: Store, video_ids: list[str], index: dict[str, np.ndarray]) -> None:
-        self.store = store
-        self.video_ids = video_ids
-        self.index = index
-
-    def __len__(self) -> int:
-        return len(self.video_ids)
-
-    def __getitem__(self, i: int) -> dict:
-        video_id = self.video_ids[i]
-        idx = self.index[video_id]
-        return {"video_id": video_id, "clip": torch.from_numpy(self.store.rgb(video_id, idx)),
-                "index": torch.from_numpy(idx)}
+        return {"video_id": video_id, "clip": channels_first(frames[idx]), "index": torch.from_numpy(idx)}
 
 
 def frames_of(batches: list) -> dict[str, np.ndarray]:
-    """Video id -> (T, H, W, 3) uint8 frames of the clips in `batches` (normalised or not)."""
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1) * 255.0
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255.0
-    out = {}
-    for batch in batches:
-        for video_id, clip in zip(batch["video_id"], batch["clip"], strict=True):
-            if clip.dtype != torch.uint8:  # undo normalize_rgb: (T, 3, H, W) -> (T, H, W, 3)
-                clip = (clip * std + mean).round().clamp(0, 255).to(torch.uint8).movedim(-3, -1)
-            out[video_id] = clip.numpy()
-    return out
+    """Video id -> (T, 3, H, W) uint8 frames of the clips in `batches`."""
+    return {v: clip.numpy() for batch in batches for v, clip in zip(batch["video_id"], batch["clip"], strict=True)}
+
+
+def normalized(batch: dict) -> torch.Tensor:
+    """What a consumer does with a batch on its device (the CPU here): (B, T, C, H, W) float32."""
+    return clip_inputs(batch, "cpu")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -108,12 +86,12 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def rgb_bytes_per_frame(store: Store, ids: list[str]) -> float:
-    """Stored bytes per RGB frame: JPEG payloads, or the deflated chunks of raw frames."""
+    """Stored bytes per RGB frame: JPEG payloads, or the stored chunks of raw frames."""
     import h5py
 
     nbytes = frames = 0
     for video_id in ids:
-        ds = store._group(video_id)["rgb"]
+        ds = store.group(video_id, "rgb")
         if h5py.check_vlen_dtype(ds.dtype) is not None:
             nbytes += sum(int(p.size) for p in ds[:])
         else:
@@ -129,17 +107,40 @@ def codec_of(store_path: Path) -> str:
     return codec
 
 
-def clips_per_s(ds, batch_size: int, workers: int, repeat: int = 1) -> tuple[float, list]:
+def clips_per_s(ds, batch_size: int, workers: int, repeat: int = 1, consume=None) -> tuple[float, list]:
     """Clips/s over `repeat` timed passes after one untimed pass that starts the (persistent)
-    workers; also returns the untimed pass's batches."""
+    workers; `consume(batch)` runs on each timed batch in this process (e.g. normalisation).
+    Also returns the untimed pass's batches."""
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
                                          persistent_workers=workers > 0)
     first = list(loader)
     t0 = time.perf_counter()
     for _ in range(repeat):
-        for _batch in loader:
-            pass
+        for batch in loader:
+            if consume is not None:
+                consume(batch)
     return repeat * len(ds) / (time.perf_counter() - t0), first
+
+
+def cpu_ms_per_clip(ds, batch_size: int, passes: int, consume=None) -> float:
+    """CPU milliseconds per clip of loading `ds` in this process as one DataLoader worker does
+    (one thread; collation included), best of `passes` after a warm pass. Counts every thread's
+    CPU time, so it holds on a busy machine where wall-clock rates do not."""
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        list(loader)
+        best = float("inf")
+        for _ in range(passes):
+            t0 = time.process_time()
+            for batch in loader:
+                if consume is not None:
+                    consume(batch)
+            best = min(best, time.process_time() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return 1e3 * best / len(ds)
 
 
 def build_store(tmp: Path, data: str | None, videos: int, size: int, fps: float | None, side: int) -> Path:
@@ -226,7 +227,6 @@ def main() -> None:
     recoded = recode_rgb(store_path, work / f"bench-{other}.h5", other)
     print(f"recoded the frames of {store_path} as {other} in {time.perf_counter() - t0:.1f} s")
     paths = {other: recoded, "raw" if other == "jpeg" else "jpeg": store_path}
-    store_path = paths["jpeg"]
 
     store = Store(store_path)
     ids = store.video_ids[: args.videos] if args.videos else store.video_ids
@@ -244,52 +244,60 @@ def main() -> None:
         reader.close()
 
     cfg = ClipConfig(steps=args.steps, flow_stack=args.flow_stack)
-    rows = []
-    store_rate, batches = clips_per_s(ClipDataset(store_path, ids, "rgb", cfg), args.batch_size, args.workers,
-                                      args.repeat)
-    rows.append(("store (jpeg), rgb, eval", store_rate))
-    raw_rate, raw_batches = clips_per_s(ClipDataset(paths["raw"], ids, "rgb", cfg), args.batch_size, args.workers,
-                                        args.repeat)
-    rows.append(("store (raw), rgb, eval", raw_rate))
-    index = {v: b["index"][j].numpy() for b in batches for j, v in enumerate(b["video_id"])}
-    raw_index = {v: b["index"][j].numpy() for b in raw_batches for j, v in enumerate(b["video_id"])}
-    assert all(np.array_equal(index[v], raw_index[v]) for v in ids), "the codecs' clips take different frames"
+    store_path = paths["jpeg"]
     store_reader = Store(store_path)
     sources_exist = all(Path(store_reader.attrs(v)["source_path"]).exists() for v in ids)
     store_reader.close()
-    decode_rate = None
+
+    def clips(codec: str, stream: str = "rgb", clip_cfg: ClipConfig = cfg, augment=None, threads=None):
+        return ClipDataset(Store(paths[codec], threads=threads), ids, stream, clip_cfg, augment)
+
+    def measure(name: str, make, repeat: int, consume=None) -> tuple[str, float, float, list]:
+        """(name, clips/s through the DataLoader, CPU ms per clip in one worker, the first batches)."""
+        rate, first = clips_per_s(make(None), args.batch_size, args.workers, repeat, consume)
+        return name, rate, cpu_ms_per_clip(make(1), args.batch_size, max(repeat, 2), consume), first
+
+    train_cfg = ClipConfig(steps=args.steps, flow_stack=args.flow_stack, train=True)
+    loaded = [measure("store (jpeg), rgb, eval", lambda t: clips("jpeg", threads=t), args.repeat),
+              measure("store (raw), rgb, eval", lambda t: clips("raw", threads=t), args.repeat)]
+    batches, raw_batches = loaded[0][3], loaded[1][3]
+    index = {v: b["index"][j].numpy() for b in batches for j, v in enumerate(b["video_id"])}
+    raw_index = {v: b["index"][j].numpy() for b in raw_batches for j, v in enumerate(b["video_id"])}
+    assert all(np.array_equal(index[v], raw_index[v]) for v in ids), "the codecs' clips take different frames"
+    normed = []
     if sources_exist:
-        decode_rate, dec_batches = clips_per_s(DecodedClips(Store(store_path), ids, index), args.batch_size,
-                                               args.workers, 1)
-        decoded = frames_of(dec_batches)
-        same = all(np.array_equal(decoded[v], f) for v, f in frames_of(raw_batches).items())
-        jpeg_psnr = psnr(np.concatenate([frames_of(batches)[v] for v in ids]),
-                         np.concatenate([decoded[v] for v in ids]))
-        rows.append((f"decode videos, rgb (raw {'identical' if same else 'DIFFERENT'}, jpeg {jpeg_psnr:.1f} dB)",
-                     decode_rate))
-        frame_rate = clips_per_s(StoreFrames(Store(store_path), ids, index), args.batch_size, args.workers,
-                                 args.repeat)[0]
-        decode_frames = clips_per_s(DecodedClips(Store(store_path), ids, index, normalize=False),
-                                    args.batch_size, args.workers, 1)[0]
+        decode = measure("decode videos, rgb", lambda t: DecodedClips(Store(store_path), ids, index), 1)
+        decoded = frames_of(decode[3])
+        # The store built from the videos holds the decoded frames (raw: exactly; JPEG: within its
+        # PSNR); the recoded copy holds that store's frames (recoded to raw: exactly).
+        built = frames_of(batches if other == "raw" else raw_batches)
+        built_psnr = psnr(np.concatenate([built[v] for v in ids]), np.concatenate([decoded[v] for v in ids]))
+        vs_store = "identical" if built_psnr == float("inf") else f"{built_psnr:.1f} dB"
+        loaded.append((f"{decode[0]} (vs {'raw' if other == 'jpeg' else 'jpeg'} store: {vs_store})", *decode[1:]))
+        for codec in ("jpeg", "raw"):
+            normed.append(measure(f"store ({codec}), rgb, eval", lambda t, c=codec: clips(c, threads=t),
+                                  args.repeat, normalized))
+        normed.append(measure("decode videos, rgb", lambda t: DecodedClips(Store(store_path), ids, index), 1,
+                              normalized))
     else:
         print("source videos of the store are not here: decoding baseline skipped")
-    train = ClipDataset(store_path, ids, "rgb", ClipConfig(steps=args.steps, train=True), AugmentConfig())
-    rows.append(("store (jpeg), rgb, train (augmented)",
-                 clips_per_s(train, args.batch_size, args.workers, args.repeat)[0]))
-    flow = ClipDataset(store_path, ids, "flow", cfg)
-    rows.append(("store, flow, eval", clips_per_s(flow, args.batch_size, args.workers, args.repeat)[0]))
-    flow_train = ClipDataset(store_path, ids, "flow", ClipConfig(steps=args.steps, flow_stack=args.flow_stack, train=True),
-                             AugmentConfig())
-    rows.append(("store, flow, train (augmented)", clips_per_s(flow_train, args.batch_size, args.workers, args.repeat)[0]))
+    loaded.append(measure("store (jpeg), rgb, train (augmented)",
+                          lambda t: clips("jpeg", clip_cfg=ClipConfig(steps=args.steps, train=True),
+                                          augment=AugmentConfig(), threads=t), args.repeat))
+    loaded.append(measure("store, flow, eval", lambda t: clips("jpeg", "flow", threads=t), args.repeat))
+    loaded.append(measure("store, flow, train (augmented)",
+                          lambda t: clips("jpeg", "flow", train_cfg, AugmentConfig(), threads=t), args.repeat))
 
-    print(f"\n{'clip loading (float32 clips, normalised)':50s}{'clips/s':>10s}{'vs decode':>11s}")
-    for name, rate in rows:
-        ratio = f"{rate / decode_rate:10.1f}x" if decode_rate else f"{'-':>11s}"
-        print(f"{name:50s}{rate:10.1f}{ratio}")
-    if sources_exist:
-        print(f"\n{'frames alone (uint8, no normalisation)':50s}{'clips/s':>10s}{'vs decode':>11s}")
-        print(f"{'store (jpeg)':50s}{frame_rate:10.1f}{frame_rate / decode_frames:10.1f}x")
-        print(f"{'decode videos':50s}{decode_frames:10.1f}{1.0:10.1f}x")
+    print(f"\nDataLoader clips/s ({args.workers} workers) and CPU ms per clip in one worker; ratios to decoding")
+    for title, rows in (("clips as loaded (uint8 RGB, float16 flow)", loaded),
+                        ("rgb clips, then normalised in the main process", normed)):
+        if not rows:
+            continue
+        base = next((row for row in rows if row[0].startswith("decode")), None)
+        print(f"\n{title:50s}{'clips/s':>9s}{'ratio':>8s}{'CPU ms':>9s}{'ratio':>8s}")
+        for name, rate, cpu_ms, _ in rows:
+            ratios = (f"{rate / base[1]:7.1f}x", f"{base[2] / cpu_ms:7.1f}x") if base else ("-", "-")
+            print(f"{name:50s}{rate:9.1f}{ratios[0]:>8s}{cpu_ms:9.1f}{ratios[1]:>8s}")
 
     feat_ids = ids[: args.feature_videos]
     fps, n = feature_frames_per_s(store_path, feat_ids, args.steps, args.feature_size, args.batch_size)

@@ -1,13 +1,18 @@
 """Training throughput: stage-1 head clips/s on cached features, stage-2 frames/s end to end, peak RSS.
 
 Stage 1 compares, in one run and on the same synthetic features file (T=16, D=4096, float16 as
-cached), the plain pipeline (a DataLoader over FeatureDataset items with default collation, and
-torch's nn.LSTM) with what the trainer uses (FeatureBank batches cut from memory, fused LSTM on
-CPU), plus the two levers alone, for each thread count asked. Every row trains the default
-bilstm_attention head with the focal loss and AdamW through `train_one_epoch`. The host may be
-shared: wall-clock rows are noisy, so CPU seconds per clip are shown too.
+cached), the plain pipeline (a DataLoader over FeatureDataset items with default collation, torch's
+nn.LSTM, per-tensor AdamW, float32) with what the trainer uses, adding one lever per row: FeatureBank
+batches cut from memory, the fused CPU LSTM (streams/fused_lstm.py), fused AdamW, and the precision
+("bf16": the whole forward under autocast, as amp="bf16" gives; "bf16 proj": only the LSTM input
+and attention projections in bfloat16, what amp="auto" picks on CPUs with native bfloat16). The
+row marked * is the trainer's default path on this machine. Every row trains the default
+bilstm_attention head with the focal loss through `train_one_epoch`. The host may be shared:
+each row shows the median and the best of --repeats timed runs, and the median CPU milliseconds
+per clip.
 
     python benchmarks/train_bench.py                      # CPU rows
+    python benchmarks/train_bench.py --stages 1 --threads 2
     python benchmarks/train_bench.py --device cuda:0      # GPU rows (fused LSTM off: cuDNN is faster)
 """
 
@@ -31,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flow.devices import resolve_device  # noqa: E402
 from streams.config import LossConfig, ModelConfig, OptimConfig  # noqa: E402
 from streams.features import FeatureDataset  # noqa: E402
+from streams.fused_lstm import use_fused_lstm  # noqa: E402
 from streams.heads import build_head  # noqa: E402
 from streams.launch import head_param_groups, make_optimizer  # noqa: E402
 from streams.losses import build_loss  # noqa: E402
@@ -38,10 +44,10 @@ from streams.model import build_stream_model  # noqa: E402
 from streams.schedule import WarmupCosine  # noqa: E402
 from streams.train import (  # noqa: E402
     FeatureBank,
+    Precision,
     epoch_order,
     resolve_precision,
     train_one_epoch,
-    use_fused_lstm,
 )
 
 
@@ -63,8 +69,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def head_row(ds: FeatureDataset, bank: FeatureBank | None, fused: bool, fused_adam: bool, args,
-             device: torch.device) -> dict:
+def precision_name(precision: Precision) -> str:
+    """Short label of a precision for the table."""
+    if precision.dtype is None:
+        return "fp32"
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[precision.dtype]
+    return f"{name} proj" if precision.projections_only else name
+
+
+def head_row(ds: FeatureDataset, bank: FeatureBank | None, fused: bool, fused_adam: bool, precision: Precision,
+             args, device: torch.device) -> dict:
     torch.manual_seed(0)
     head = build_head(ModelConfig(), ds.feature_dim)
     if fused:
@@ -73,9 +87,8 @@ def head_row(ds: FeatureDataset, bank: FeatureBank | None, fused: bool, fused_ad
     optim = OptimConfig()
     opt = make_optimizer(head_param_groups(head, optim.lr, optim.weight_decay), optim, fused=fused_adam)
     loss_fn = build_loss(LossConfig(), ds.labels).to(device)
-    total = (args.batches + args.warmup) * 4
+    total = (args.batches * args.repeats + args.warmup) * 4
     schedule = WarmupCosine(opt, total, optim.lr, 0, optim.min_lr)
-    precision = resolve_precision("auto", device)
     order = epoch_order(ds.labels, 0, sampler="weighted")
 
     def batches(n: int, epoch: int):
@@ -84,17 +97,23 @@ def head_row(ds: FeatureDataset, bank: FeatureBank | None, fused: bool, fused_ad
         ds.set_epoch(epoch)
         return itertools.islice(DataLoader(ds, batch_size=args.batch, sampler=order.tolist()), n)
 
-    train_one_epoch(head, batches(args.warmup, 0), opt, loss_fn, 0, optim, schedule=schedule, device=device,
-                    precision=precision)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    stats = train_one_epoch(head, batches(args.batches, 1), opt, loss_fn, args.warmup, optim, schedule=schedule,
-                            device=device, precision=precision)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    return {"clips_per_s": stats["clips"] / wall, "cpu_ms_per_clip": 1000 * cpu / stats["clips"]}
+    step = train_one_epoch(head, batches(args.warmup, 0), opt, loss_fn, 0, optim, schedule=schedule, device=device,
+                           precision=precision)["step"]
+    rates, cpu_ms = [], []
+    for repeat in range(args.repeats):  # the median of a few timed runs: the host may be busy for a while
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        stats = train_one_epoch(head, batches(args.batches, 1 + repeat), opt, loss_fn, step, optim,
+                                schedule=schedule, device=device, precision=precision)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        step = stats["step"]
+        rates.append(stats["clips"] / wall)
+        cpu_ms.append(1000 * cpu / stats["clips"])
+    return {"clips_per_s": float(np.median(rates)), "best_clips_per_s": max(rates),
+            "cpu_ms_per_clip": float(np.median(cpu_ms))}
 
 
 def stage2_row(args, device: torch.device) -> dict:
@@ -131,6 +150,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=4096, help="feature size D (VGG19 fc7: 4096)")
     p.add_argument("--batch", type=int, default=64, help="clips per step")
     p.add_argument("--batches", type=int, default=6, help="timed steps per stage-1 row")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of --batches steps per row; the median is shown")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before each row")
     p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts for the CPU rows")
     p.add_argument("--stage2-size", type=int, default=64, help="frame side for stage 2 (VGG19 takes >= 32)")
@@ -162,18 +182,31 @@ def head_rows(tmp: Path, threads: list[int], args, device: torch.device) -> None
     bank = FeatureBank(ds)
     print(f"stage 1: {args.videos} videos, T={args.steps}, D={args.dim}, batch {args.batch}, device {device}; "
           f"FeatureBank {FeatureBank.nbytes(ds) / 2**20:.0f} MiB (peak RSS {rss0:.0f} -> {peak_rss_mb():.0f} MiB)")
-    print(f"{'threads':>7}  {'input':<22} {'LSTM':<6} {'AdamW':<9} {'clips/s':>8} {'CPU ms/clip':>12}")
-    variants = [("DataLoader (per item)", None, False, False), ("FeatureBank (memory)", bank, False, False),
-                ("FeatureBank (memory)", bank, True, False), ("FeatureBank (memory)", bank, True, True)]
-    if device.type != "cpu":  # cuDNN's LSTM beats a Python time loop on a GPU
-        variants = [v for v in variants if not v[2]] + [("FeatureBank (memory)", bank, False, True)]
+    fp32, default = Precision(), resolve_precision("auto", device)
+    # (input, bank, fused LSTM, fused AdamW, precision), one lever added per row; the trainer's path last.
+    variants = [("DataLoader (per item)", None, False, False, fp32), ("FeatureBank (memory)", bank, False, False, fp32),
+                ("FeatureBank (memory)", bank, True, False, fp32), ("FeatureBank (memory)", bank, True, True, fp32)]
+    if device.type == "cpu":
+        variants.append(("FeatureBank (memory)", bank, True, True, resolve_precision("bf16", device)))
+        if default != fp32:
+            variants.append(("FeatureBank (memory)", bank, True, True, default))
+    else:  # cuDNN's LSTM beats a Python time loop on a GPU
+        variants = [v for v in variants if not v[2]] + [("FeatureBank (memory)", bank, False, True, fp32),
+                                                        ("FeatureBank (memory)", bank, False, True, default)]
+    trainer = variants[-1]
+    print(f"{'threads':>7}  {'input':<22} {'LSTM':<6} {'AdamW':<8} {'precision':<10} {'clips/s':>8} {'best':>7} "
+          f"{'CPU ms/clip':>12}")
     for n in threads:
         torch.set_num_threads(n)
-        for name, b, fused, fused_adam in variants:
-            row = head_row(ds, b, fused, fused_adam, args, device)
-            print(f"{n:>7}  {name:<22} {'fused' if fused else 'torch':<6} "
-                  f"{'fused' if fused_adam else 'foreach':<9} {row['clips_per_s']:>8.1f} "
-                  f"{row['cpu_ms_per_clip']:>12.2f}", flush=True)
+        for variant in variants:
+            name, b, fused, fused_adam, precision = variant
+            row = head_row(ds, b, fused, fused_adam, precision, args, device)
+            mark = " *" if variant is trainer else ""
+            print(f"{n:>7}  {name:<22} {'fused' if fused else 'torch':<6} {'fused' if fused_adam else 'foreach':<8} "
+                  f"{precision_name(precision):<10} {row['clips_per_s']:>8.1f} {row['best_clips_per_s']:>7.1f} "
+                  f"{row['cpu_ms_per_clip']:>12.2f}{mark}",
+                  flush=True)
+    print("* the trainer's default path here (FeatureBank, fused LSTM on CPU, fused AdamW, amp auto)")
     print(f"stage 1 peak RSS: {peak_rss_mb():.0f} MiB")
 
 

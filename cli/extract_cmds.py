@@ -80,7 +80,7 @@ def extract(
     frames: int | None = typer.Option(None, help="Sample N frames spread uniformly."),
     flow_codec: FlowCodec = typer.Option(FlowCodec.qwebp, help="Stored form of the flow: qwebp (0.25 px steps, lossless WebP; smallest), qwebp-fine, uint8 (TSN quantisation with --bound, gzip), float16, jpeg (denseflow's pair)."),
     flow_dtype: FlowDtype | None = typer.Option(None, help="Shorthand: uint8 = --flow-codec uint8, float16 = --flow-codec float16."),
-    rgb_codec: RgbCodec = typer.Option(RgbCodec.jpeg, help="Stored form of the frames: jpeg (quality 95, ~5x smaller) or raw (lossless, deflate)."),
+    rgb_codec: RgbCodec = typer.Option(RgbCodec.jpeg, help="Stored form of the frames: jpeg (quality 95, ~7x smaller) or raw (lossless, uncompressed, fastest to load)."),
     bound: float = typer.Option(20.0, help="Quantisation bound in pixels for uint8 flow (TSN: 20)."),
     workers: int = typer.Option(0, help="Decoding processes (0: one per core)."),
     shard: str | None = typer.Option(None, help="i/n: extract the i-th of n disjoint slices into its own file."),
@@ -141,7 +141,7 @@ def merge(
     output: Path = typer.Option(..., "--output", "-o", help="Merged store to write."),
 ) -> None:
     """Join shard stores into one store that readers open like any other."""
-    from data.store import merge as merge_stores
+    from data.shards import merge as merge_stores
 
     missing = [str(s) for s in shards if not s.exists()]
     if missing:

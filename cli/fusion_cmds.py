@@ -128,6 +128,7 @@ def cv(
     devices: Annotated[str | None, typer.Option(help="One device per stream, e.g. cuda:0,cuda:1 or cpu,cpu.")] = None,
     tta: Annotated[int, typer.Option(help=TTA_HELP)] = 1,
     goal: Annotated[Goal, typer.Option(help="Operating-point goal chosen on each fold's validation part.")] = Goal.accuracy,
+    seed: Annotated[int, typer.Option(help="Seed of the folds and of training (preset only); rerun with others for repeated k-fold.")] = 0,
 ) -> None:
     """Cross-validate: per fold train both streams, fuse on its validation part, evaluate on the fold."""
     from fusion.pipeline import cross_validate
@@ -140,7 +141,7 @@ def cv(
 
         cfg = resolve_run_config(config)
     doc = cross_validate(store, folds, out_dir, preset.value, cfg, _parse_devices(devices), tta, epochs, goal.value,
-                         on_event=_fold_printer())
+                         on_event=_fold_printer(), seed=seed)
     rows = [[m, *(f"{s[k]['mean']:.4f} ± {s[k]['std']:.4f}" for k in ("accuracy", "macro_f1", "roc_auc"))]
             for m, s in doc["summary"].items()]
     out.print(table(f"{folds}-fold cross-validation of {store}", ["model", "accuracy", "macro-F1", "ROC-AUC"], rows))

@@ -6,15 +6,15 @@ Layout of a store file:
     /videos/<video_id>/       attrs: as written + rgb_codec, flow_codec, flow_bound, num_frames,
                               flow_nbytes
         rgb                   T frames: (T,) JPEG byte strings for rgb_codec "jpeg", (T, H, W, 3)
-                              uint8 with one deflated chunk per frame for "raw"; reads as
+                              uint8 with one uncompressed chunk per frame for "raw"; reads as
                               (T, H, W, 3) uint8 RGB either way
         flow                  T-1 fields: (T-1, H, W, 2) for array codecs, (T-1,) byte strings for
                               stream codecs (see data.flowcodec); decodes to (T-1, H, W, 2) float32
 
 RGB codecs: "jpeg" (default) keeps each frame as a quality-95 JPEG: on 224x224 frames of real
-CCTV clips 22 KB a frame against 104 KB deflated, at a round-trip PSNR of 42 dB, and a 16-frame
-clip reads about twice as fast (libjpeg-turbo decodes faster than deflate inflates; see
-benchmarks/loader_bench.py). "raw" keeps the exact pixels. Stores written before the codec was
+CCTV clips 22 KB a frame against 150 KB raw, at a round-trip PSNR of 42 dB. "raw" keeps the exact
+pixels uncompressed: seven times the disk, but a clip reads without any decoding, the fastest
+form (see benchmarks/loader_bench.py). Stores written before the codec was
 recorded have no rgb_codec attr and read as raw; `recode_rgb` converts a store either way.
 
 Reads take any index form. h5py's own selection of scattered rows of a chunked, compressed
@@ -33,31 +33,49 @@ leftover temporary files are ignored and removed by the next writer. `finalize()
 whole main file, so it belongs at the end of a run (leaving the `with` block does it), not after
 every video. A writer holds `<store>.lock` (flock), so a second writer fails instead of racing.
 
-Shards: each extraction process writes `shard_path(store, i, n)`; `merge` copies the shards into
-one file and `write_index` joins them without copying through a small index file that `Store`
-opens like a store.
+Shards: each extraction process writes `shard_path(store, i, n)`; data.shards joins them (`merge`
+copies them into one file, `write_index` joins them without copying) and recodes frames
+(`recode_rgb`). Frames are encoded by data.rgbcodec, flow by data.flowcodec; data.h5files holds
+the durable-file and attribute helpers.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sys
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-import cv2
 import h5py
 import numpy as np
 
 from data.flowcodec import DEFAULT_CODEC, Codec, decode, encode, get_codec
+from data.h5files import (
+    JSON_KEYS,
+    commit,
+    created_with,
+    get_attrs,
+    lock_path,
+    now,
+    parts_dir,
+    plain,
+    put_attrs,
+    same_value,
+    tmp_path,
+    unlink_quiet,
+)
+from data.rgbcodec import (
+    DEFAULT_RGB_CODEC,
+    RGB_CODECS,
+    RGB_HDF5,
+    check_rgb_codec,
+    decode_rgb,
+    default_decode_threads,
+    encode_rgb,
+)
 
 try:
     import fcntl
@@ -73,14 +91,8 @@ REQUIRED_ATTRS = ("label", "group", "source_path", "source_fps", "source_size", 
 STORE_ATTRS = ("rgb_codec", "flow_codec", "flow_bound", "num_frames", "flow_nbytes")
 # Store attrs that stores written by earlier versions lack; their absence has a meaning.
 _OPTIONAL_STORE_ATTRS = ("rgb_codec",)  # absent: "raw"
-RGB_CODECS = ("jpeg", "raw")
-DEFAULT_RGB_CODEC = "jpeg"
-RGB_JPEG_QUALITY = 95  # 42 dB PSNR on real CCTV frames at a fifth of the deflated bytes
-# "raw": deflate 4, most of 9's ratio, far faster.
-RGB_HDF5 = dict(compression="gzip", compression_opts=4)
 _STREAM_CHUNK = 64  # byte-string references per chunk; the payloads themselves live in the heap
 _MAX_OPEN_FILES = 64  # part files kept open per reader process (an unfinalized store has many)
-_JSON_KEYS = "_json_keys"  # attr listing the keys whose values were stored as JSON text
 
 
 class MissingVideoError(KeyError, ValueError):
@@ -91,19 +103,6 @@ class MissingVideoError(KeyError, ValueError):
 
 
 # --- paths -------------------------------------------------------------------------------------
-
-
-def _parts_dir(path: Path) -> Path:
-    return path.with_name(path.name + ".parts")
-
-
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
-
-
-def _lock_path(path: Path) -> Path:
-    return path.with_name(path.name + ".lock")
-
 
 def _part_name(video_id: str) -> str:
     # Percent-encoding keeps any id a single portable file name.
@@ -130,242 +129,6 @@ def shard_path(path: str | Path, index: int, count: int) -> Path:
     return path.with_name(f"{path.stem}.shard-{index}-of-{count}{path.suffix}")
 
 
-# --- durability --------------------------------------------------------------------------------
-
-
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on Windows; nothing to sync there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    """Make the complete file `tmp` durable and atomically visible as `final`."""
-    _fsync_path(tmp)
-    os.replace(tmp, final)
-    _fsync_path(final.parent)
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-
-
-# --- attrs -------------------------------------------------------------------------------------
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(type(value).__name__)
-
-
-def _same(a: object, b: object) -> bool:
-    """Equal once stored: a tuple reads back as a list, a numpy scalar as a Python number."""
-    canon = lambda v: json.dumps(v, default=_json_default, sort_keys=True)  # noqa: E731
-    try:
-        return canon(a) == canon(b)
-    except TypeError:
-        return False
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def _native(value: object) -> object | None:
-    """The HDF5-attribute form of `value`, or None when only JSON keeps it intact."""
-    if isinstance(value, (str, Path)):
-        return str(value)
-    if isinstance(value, (bool, np.bool_)):
-        return np.bool_(value)
-    if _is_int(value):
-        return np.int64(value)
-    if isinstance(value, (float, np.floating)):
-        return np.float64(value)
-    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf" and value.size:
-        return value
-    if isinstance(value, (list, tuple)) and value:
-        if all(isinstance(x, str) for x in value):
-            return list(value)
-        if all(_is_int(x) for x in value):
-            return np.asarray(value, np.int64)
-        if all(isinstance(x, (float, np.floating)) for x in value):
-            return np.asarray(value, np.float64)
-    return None
-
-
-def _put_attrs(obj: h5py.HLObject, attrs: dict) -> None:
-    """Write plain values as HDF5 attrs; dicts, None, empty or mixed lists go in as JSON text."""
-    json_keys = set(_get_json_keys(obj))
-    for key, value in attrs.items():
-        if not isinstance(key, str) or not key or key == _JSON_KEYS:
-            raise ValueError(
-                f"attr name must be a non-empty string other than {_JSON_KEYS!r}, got {key!r}"
-            )
-        native = _native(value)
-        if native is None:
-            try:
-                native = json.dumps(value, default=_json_default)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"attr {key!r}: cannot store a value of type {err}") from None
-            json_keys.add(key)
-        else:
-            json_keys.discard(key)
-        obj.attrs[key] = native
-    if json_keys:
-        obj.attrs[_JSON_KEYS] = sorted(json_keys)
-    elif _JSON_KEYS in obj.attrs:
-        del obj.attrs[_JSON_KEYS]
-
-
-def _get_json_keys(obj: h5py.HLObject) -> list[str]:
-    keys = obj.attrs.get(_JSON_KEYS)
-    return [] if keys is None else [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
-
-
-def _plain(value: object) -> object:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        return [_plain(x) for x in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _get_attrs(obj: h5py.HLObject) -> dict:
-    json_keys = set(_get_json_keys(obj))
-    out = {}
-    for key, value in obj.attrs.items():
-        if key == _JSON_KEYS:
-            continue
-        out[key] = json.loads(_plain(value)) if key in json_keys else _plain(value)
-    return out
-
-
-def _created_with() -> str:
-    try:
-        from importlib.metadata import version
-
-        ours = version("twostream-violence")
-    except Exception:  # running from a source tree that is not installed
-        ours = "unknown"
-    return f"twostream {ours}; h5py {h5py.__version__}; HDF5 {h5py.version.hdf5_version}"
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# --- rgb codec ---------------------------------------------------------------------------------
-
-
-def _check_rgb_codec(name: object) -> str:
-    if name not in RGB_CODECS:
-        raise ValueError(f"unknown rgb codec {name!r} (choose from {', '.join(RGB_CODECS)})")
-    return str(name)
-
-
-def _object_array(items: Sequence[np.ndarray]) -> np.ndarray:
-    out = np.empty(len(items), dtype=object)  # (N,) of 1-D uint8, the shape h5py writes as vlen
-    for i, item in enumerate(items):  # element-wise: equal-length items would broadcast to 2-D
-        out[i] = item
-    return out
-
-
-def _jpeg_encode(frames: np.ndarray) -> list[np.ndarray]:
-    """(N, H, W, 3) uint8 RGB -> N JPEG byte strings (1-D uint8)."""
-    params = [cv2.IMWRITE_JPEG_QUALITY, RGB_JPEG_QUALITY]
-    out = []
-    for frame in frames:
-        ok, buf = cv2.imencode(
-            ".jpg", cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2BGR), params
-        )  # OpenCV writes BGR
-        if not ok:
-            raise RuntimeError("OpenCV failed to encode a JPEG image")
-        out.append(buf.ravel())
-    return out
-
-
-def encode_rgb(rgb: np.ndarray, threads: int = 1) -> np.ndarray:
-    """JPEG-encode frames, spread over `threads` threads. Shape: (T, H, W, 3) uint8 -> (T,) object."""
-    chunks = np.array_split(rgb, max(1, min(threads, len(rgb))))
-    if len(chunks) == 1:
-        return _object_array(_jpeg_encode(rgb))
-    # OpenCV's encoders release the GIL, so threads scale with cores.
-    with ThreadPoolExecutor(len(chunks)) as pool:
-        parts = list(pool.map(_jpeg_encode, chunks))
-    return _object_array([payload for part in parts for payload in part])
-
-
-def _jpeg_decode_into(payloads: Sequence[np.ndarray], out: np.ndarray, rows: Iterable[int]) -> None:
-    for i in rows:
-        # IMREAD_COLOR_RGB has libjpeg emit RGB directly: no BGR image to reorder afterwards.
-        img = cv2.imdecode(np.asarray(payloads[i], np.uint8), cv2.IMREAD_COLOR_RGB)
-        if img is None or img.shape != out.shape[1:]:
-            raise ValueError(
-                "corrupt rgb payload: the JPEG does not decode to the video's frame size"
-            )
-        out[i] = img
-
-
-_MIN_FRAMES_PER_THREAD = 4  # below this a thread's hand-off costs more than it saves
-_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (pid, threads) -> decoding pool
-
-
-def _decode_pool(threads: int) -> ThreadPoolExecutor:
-    key = (os.getpid(), threads)
-    pool = _pools.get(key)
-    if pool is None:
-        # A forked child inherits the parent's pools without their threads: never reuse those.
-        for stale in [k for k in _pools if k[0] != key[0]]:
-            del _pools[stale]
-        pool = _pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="store-decode")
-    return pool
-
-
-def decode_rgb(payloads: Sequence[np.ndarray], threads: int = 1) -> np.ndarray:
-    """Decode JPEG payloads of one video. Shape: (N,) -> (N, H, W, 3) uint8 RGB."""
-    if len(payloads) == 0:
-        raise ValueError("decode_rgb needs at least one payload (the frame size comes from it)")
-    first = cv2.imdecode(np.asarray(payloads[0], np.uint8), cv2.IMREAD_COLOR_RGB)
-    if first is None:
-        raise ValueError("corrupt rgb payload: the JPEG does not decode")
-    out = np.empty((len(payloads), *first.shape), np.uint8)
-    out[0] = first
-    n = len(payloads)
-    k = min(threads, (n - 1) // _MIN_FRAMES_PER_THREAD)
-    if k <= 1:
-        _jpeg_decode_into(payloads, out, range(1, n))
-    else:
-        # cv2.imdecode releases the GIL; each thread fills every k-th frame of `out`.
-        jobs = [range(1 + j, n, k) for j in range(k)]
-        list(_decode_pool(k).map(lambda rows: _jpeg_decode_into(payloads, out, rows), jobs))
-    return out
-
-
-def _default_decode_threads() -> int:
-    # DataLoader workers already keep every core busy with one clip each; threads would contend.
-    data = sys.modules.get("torch.utils.data")
-    if data is not None and data.get_worker_info() is not None:
-        return 1
-    return min(4, os.cpu_count() or 1)
-
-
 # --- locking -----------------------------------------------------------------------------------
 
 
@@ -373,7 +136,7 @@ def _acquire_lock(path: Path) -> int | None:
     """Hold `<store>.lock` so a second writer fails loudly instead of corrupting the parts."""
     if fcntl is None:
         return None
-    lock = _lock_path(path)
+    lock = lock_path(path)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -395,7 +158,7 @@ def _acquire_lock(path: Path) -> int | None:
 def _release_lock(path: Path, fd: int | None) -> None:
     if fd is None:
         return
-    _unlink(_lock_path(path))
+    unlink_quiet(lock_path(path))
     os.close(fd)
 
 
@@ -434,7 +197,7 @@ def _check_attrs(attrs: dict) -> None:
         raise ValueError(f"video label must be an integer, got {attrs['label']!r}") from None
 
 
-def _write_payloads(group: h5py.Group, name: str, payloads: np.ndarray) -> h5py.Dataset:
+def write_payloads(group: h5py.Group, name: str, payloads: np.ndarray) -> h5py.Dataset:
     """A (N,) variable-length uint8 dataset holding one byte string per frame or field."""
     ds = group.create_dataset(
         name,
@@ -463,9 +226,9 @@ def _write_video(
     if rgb_stored is None:
         group.create_dataset("rgb", data=rgb, chunks=(1, h, w, 3), **RGB_HDF5)
     else:
-        _write_payloads(group, "rgb", rgb_stored)
+        write_payloads(group, "rgb", rgb_stored)
     if codec.stream:
-        ds = _write_payloads(group, "flow", stored)
+        ds = write_payloads(group, "flow", stored)
         group.file.flush()
         nbytes = sum(int(b.size) for b in stored) + ds.id.get_storage_size()
     else:
@@ -479,7 +242,7 @@ def _write_video(
         num_frames=int(t),
         flow_nbytes=int(nbytes),
     )
-    _put_attrs(group, {**attrs, **extra})
+    put_attrs(group, {**attrs, **extra})
 
 
 def _committed_parts(parts: Path) -> dict[str, Path]:
@@ -493,7 +256,7 @@ class StoreWriter:
 
     `with StoreWriter(path) as w:` finalizes on a clean exit and leaves an interrupted run
     resumable: skip `w.done_ids()` and write the rest. `flow_codec` and `rgb_codec` ("jpeg":
-    quality-95 JPEG per frame; "raw": exact, deflated) are recorded per video, so one store may
+    quality-95 JPEG per frame; "raw": exact, uncompressed) are recorded per video, so one store may
     mix them; frames and flow fields are encoded on `threads` threads.
     """
 
@@ -510,7 +273,7 @@ class StoreWriter:
         self.path = Path(path)
         # Encoding qwebp costs more CPU than anything else in write(); None: up to 4 cores.
         self.threads = threads if threads is not None else min(4, os.cpu_count() or 1)
-        self.rgb_codec = _check_rgb_codec(rgb_codec)
+        self.rgb_codec = check_rgb_codec(rgb_codec)
         self.codec = get_codec(flow_codec)
         self.bound = float(bound)
         encode(np.zeros((1, 1, 1, 2), np.float32), self.codec, self.bound)  # bad bound: fail now
@@ -519,12 +282,12 @@ class StoreWriter:
         if self.path.is_dir():
             raise ValueError(f"{self.path} is a directory, not a store file")
         self._root_attrs = dict(root_attrs or {})
-        for key in ("schema_version", _JSON_KEYS):
+        for key in ("schema_version", JSON_KEYS):
             self._root_attrs.pop(key, None)
         self._lock = _acquire_lock(self.path)
         self._closed = False
         try:
-            self._parts = _parts_dir(self.path)
+            self._parts = parts_dir(self.path)
             self._clean_stale()
             self._done = self._open_main()
         except BaseException:
@@ -534,11 +297,11 @@ class StoreWriter:
 
     def _clean_stale(self) -> None:
         # Only this writer ever creates temporary files here, so any that exist are a dead run's.
-        _unlink(_tmp_path(self.path))
+        unlink_quiet(tmp_path(self.path))
         if self._parts.is_dir():
             for stale in self._parts.glob("*.tmp"):
                 logger.info("removing %s left by an interrupted write", stale)
-                _unlink(stale)
+                unlink_quiet(stale)
 
     def _open_main(self) -> set[str]:
         main_ids: set[str] = set()
@@ -558,19 +321,19 @@ class StoreWriter:
             except OSError as err:
                 raise ValueError(f"{self.path} is not a readable HDF5 store ({err})") from None
         else:
-            tmp = _tmp_path(self.path)
+            tmp = tmp_path(self.path)
             with h5py.File(tmp, "w") as f:
                 f.create_group("videos")
-                _put_attrs(f, self._root_header())
-            _commit(tmp, self.path)
+                put_attrs(f, self._root_header())
+            commit(tmp, self.path)
         return main_ids | set(_committed_parts(self._parts))
 
     def _root_header(self, base: dict | None = None) -> dict:
         header = dict(base or {})
-        header.setdefault("created_at", _now())
+        header.setdefault("created_at", now())
         header.update(
             schema_version=SCHEMA_VERSION,
-            created_with=_created_with(),
+            created_with=created_with(),
             rgb_codec=self.rgb_codec,
             flow_codec=self.codec.name,
             flow_bound=self.bound,
@@ -612,9 +375,9 @@ class StoreWriter:
                     self.bound,
                     attrs,
                 )
-            _commit(tmp, self._parts / _part_name(video_id))
+            commit(tmp, self._parts / _part_name(video_id))
         finally:
-            _unlink(tmp)
+            unlink_quiet(tmp)
         self._done.add(video_id)
         logger.debug("stored %s: %d frames", video_id, rgb.shape[0])
 
@@ -622,11 +385,11 @@ class StoreWriter:
         """Join the main file and every committed part into the main file, atomically; idempotent."""
         parts = _committed_parts(self._parts)
         with h5py.File(self.path, "r") as main:
-            root = _get_attrs(main)
-            if not parts and all(_same(root.get(k), v) for k, v in self._root_attrs.items()):
+            root = get_attrs(main)
+            if not parts and all(same_value(root.get(k), v) for k, v in self._root_attrs.items()):
                 self._remove_parts_dir()
                 return self.path
-            tmp = _tmp_path(self.path)
+            tmp = tmp_path(self.path)
             with h5py.File(tmp, "w") as out:
                 videos = out.create_group("videos")
                 for video_id in main["videos"] if "videos" in main else ():
@@ -640,10 +403,10 @@ class StoreWriter:
                         raise ValueError(
                             f"{part}: unreadable part file ({err}); remove it and rewrite that video"
                         ) from None
-                _put_attrs(out, {**self._root_header(root), "finalized_at": _now()})
-        _commit(tmp, self.path)
+                put_attrs(out, {**self._root_header(root), "finalized_at": now()})
+        commit(tmp, self.path)
         for part in parts.values():
-            _unlink(part)
+            unlink_quiet(part)
         self._remove_parts_dir()
         logger.info("finalized %s: %d videos joined", self.path, len(parts))
         return self.path
@@ -780,7 +543,7 @@ class Store:
         self.threads = threads
         if self.path.is_dir():
             raise ValueError(f"{self.path} is a directory, not a store file")
-        if not self.path.is_file() and not _parts_dir(self.path).is_dir():
+        if not self.path.is_file() and not parts_dir(self.path).is_dir():
             raise FileNotFoundError(f"{self.path}: no such store")
         self._catalogue: dict[str, Path] | None = None  # video id -> file holding /videos/<id>
         self._root: dict = {}
@@ -842,7 +605,7 @@ class Store:
         mains = [self.path]
         if self.path.is_file():
             f = self._open_store_file(self.path)
-            self._root = _get_attrs(f)
+            self._root = get_attrs(f)
             if self._root.get("store_kind") == "index":
                 files.append(self.path)
                 mains = [(self.path.parent / s) for s in self._root.get("shards", [])]
@@ -854,7 +617,7 @@ class Store:
                 shard.update(dict.fromkeys(f["videos"].keys() if "videos" in f else (), main))
             elif main != self.path:
                 problems.append(f"{main}: shard file missing")
-            parts = _committed_parts(_parts_dir(main))
+            parts = _committed_parts(parts_dir(main))
             shard.update(parts)  # a part duplicating main is the same video, mid-finalize
             files.extend(parts.values())
             for video_id, where in shard.items():
@@ -866,7 +629,7 @@ class Store:
         self._catalogue = dict(sorted(catalogue.items()))
         return self._catalogue
 
-    def _group(self, video_id: str, member: str = "") -> h5py.Group | h5py.Dataset:
+    def group(self, video_id: str, member: str = "") -> h5py.Group | h5py.Dataset:
         """The video's group, or its dataset `member` (one path lookup: cheaper than two)."""
         where = self._scan().get(video_id)
         if where is None:
@@ -901,17 +664,17 @@ class Store:
         return dict(self._root)
 
     def attrs(self, video_id: str) -> dict:
-        return _get_attrs(self._group(video_id))
+        return get_attrs(self.group(video_id))
 
     def _meta(self, video_id: str) -> _VideoMeta:
         meta = self._metas.get(video_id)
         if meta is None:
-            group = self._group(video_id)
+            group = self.group(video_id)
             attrs = group.attrs
             codec, bound, label = (attrs.get(k) for k in ("flow_codec", "flow_bound", "label"))
             meta = self._metas[video_id] = _VideoMeta(
-                rgb_codec=_plain(attrs.get("rgb_codec", "raw")),  # written before the attr: raw
-                flow_codec=None if codec is None else _plain(codec),
+                rgb_codec=plain(attrs.get("rgb_codec", "raw")),  # written before the attr: raw
+                flow_codec=None if codec is None else plain(codec),
                 flow_bound=None if bound is None else float(bound),
                 num_frames=int(group["rgb"].shape[0]),
                 label=None if label is None else int(label),
@@ -938,7 +701,7 @@ class Store:
 
     def frame_size(self, video_id: str) -> tuple[int, int]:
         """(H, W) of the video's frames."""
-        group = self._group(video_id)
+        group = self.group(video_id)
         if self._meta(video_id).rgb_codec == "raw":
             return tuple(group["rgb"].shape[1:3])  # type: ignore[return-value]
         return self.rgb(video_id, 0).shape[:2]  # a JPEG's size is only known once decoded
@@ -948,7 +711,7 @@ class Store:
     def rgb(self, video_id: str, index: object = slice(None)) -> np.ndarray:
         """Frames of a video in RGB order. Shape: (t, H, W, 3) uint8 ((H, W, 3) for an int index)."""
         meta = self._meta(video_id)
-        ds = self._group(video_id, "rgb")
+        ds = self.group(video_id, "rgb")
         sel = _select(ds.shape[0], index)
         if meta.rgb_codec == "raw":
             return _hand_back(_read_array(ds, sel), sel)
@@ -957,13 +720,13 @@ class Store:
         if sel.count == 0:
             h, w = self.frame_size(video_id) if ds.shape[0] else (0, 0)
             return np.zeros((0, h, w, 3), np.uint8)
-        threads = self.threads or _default_decode_threads()
+        threads = self.threads or default_decode_threads()
         return _hand_back(decode_rgb(_read_payloads(ds, sel), threads), sel)
 
     def flow(self, video_id: str, index: object = slice(None)) -> np.ndarray:
         """Decoded flow fields of a video. Shape: (t, H, W, 2) float32 px ((H, W, 2) for an int)."""
         meta = self._meta(video_id)
-        ds = self._group(video_id, "flow")
+        ds = self.group(video_id, "flow")
         sel = _select(ds.shape[0], index)
         if sel.count == 0:
             return np.zeros((0, *self.frame_size(video_id), 2), np.float32)
@@ -998,8 +761,8 @@ class Store:
         return problems
 
     def _check_video(self, video_id: str) -> list[str]:
-        group = self._group(video_id)
-        attrs = _get_attrs(group)
+        group = self.group(video_id)
+        attrs = get_attrs(group)
         expected = [k for k in REQUIRED_ATTRS + STORE_ATTRS if k not in _OPTIONAL_STORE_ATTRS]
         problems = [f"missing attr {k!r}" for k in expected if k not in attrs]
         if "rgb" not in group or "flow" not in group:
@@ -1046,181 +809,7 @@ class Store:
         """Mean stored bytes per flow field (encoded payloads plus HDF5 chunk storage)."""
         nbytes = fields = 0
         for video_id in self._scan():
-            group = self._group(video_id)
+            group = self.group(video_id)
             nbytes += int(group.attrs.get("flow_nbytes", 0))
             fields += int(group["flow"].shape[0])
         return nbytes / fields if fields else 0.0
-
-
-# --- shards ------------------------------------------------------------------------------------
-
-
-def _same_source(a: dict, b: dict) -> bool:
-    return a.get("source_path") == b.get("source_path") and a.get("label") == b.get("label")
-
-
-def _pick_videos(stores: Sequence[Store]) -> dict[str, Store]:
-    """Which store each video comes from; a duplicate id is fine only with an identical source."""
-    chosen: dict[str, Store] = {}
-    for store in stores:
-        for video_id in store.video_ids:
-            first = chosen.get(video_id)
-            if first is None:
-                chosen[video_id] = store
-            elif _same_source(first.attrs(video_id), store.attrs(video_id)):
-                logger.info(
-                    "%s is in %s and %s; keeping the first", video_id, first.path, store.path
-                )
-            else:
-                raise ValueError(
-                    f"video {video_id!r} is in {first.path} and {store.path} with different sources"
-                )
-    return chosen
-
-
-def _common_root(stores: Iterable[Store]) -> dict:
-    roots = [s.root_attrs for s in stores]
-    keys = set(roots[0]).intersection(*roots[1:]) if roots else set()
-    skip = {"schema_version", "store_kind", "shards", "created_at", "finalized_at"}
-    return {k: roots[0][k] for k in sorted(keys - skip) if all(r[k] == roots[0][k] for r in roots)}
-
-
-def _check_output(inputs: Sequence[Path], output: Path, overwrite: bool) -> None:
-    if not inputs:
-        raise ValueError("nothing to join: no input stores given")
-    if output.resolve() in {p.resolve() for p in inputs}:
-        raise ValueError(f"output {output} is also an input")
-    if not output.parent.is_dir():
-        raise FileNotFoundError(f"{output.parent}: no such directory for the output")
-    if not overwrite and (output.exists() or _parts_dir(output).exists()):
-        raise ValueError(f"{output} already exists (choose another path or overwrite)")
-
-
-def _clear_parts(output: Path) -> None:
-    # Parts of an older store of this name would otherwise be read as part of the new one.
-    parts = _parts_dir(output)
-    if parts.is_dir():
-        for p in parts.iterdir():
-            _unlink(p)
-        parts.rmdir()
-
-
-def merge(inputs: Sequence[str | Path], output: str | Path, *, overwrite: bool = False) -> Path:
-    """Copy shard stores into one store file (written aside, then renamed into place)."""
-    inputs = [Path(p) for p in inputs]
-    output = Path(output)
-    _check_output(inputs, output, overwrite)
-    stores = [Store(p) for p in inputs]
-    try:
-        chosen = _pick_videos(stores)
-        tmp = _tmp_path(output)
-        with h5py.File(tmp, "w") as out:
-            videos = out.create_group("videos")
-            for video_id, store in chosen.items():
-                videos.copy(store._group(video_id), videos, name=video_id)
-            root = _common_root(stores)
-            root.update(
-                schema_version=SCHEMA_VERSION,
-                created_at=_now(),
-                created_with=_created_with(),
-                merged_from=[p.name for p in inputs],
-            )
-            _put_attrs(out, root)
-    finally:
-        for store in stores:
-            store.close()
-    _clear_parts(output)
-    _commit(tmp, output)
-    logger.info("merged %d stores into %s: %d videos", len(inputs), output, len(chosen))
-    return output
-
-
-def recode_rgb(
-    source: str | Path,
-    output: str | Path,
-    rgb_codec: str = DEFAULT_RGB_CODEC,
-    *,
-    overwrite: bool = False,
-    threads: int | None = None,
-) -> Path:
-    """Copy a store (or a shard index) into one file whose frames are stored by `rgb_codec`.
-
-    Flow and attrs are copied as they are; frames already in `rgb_codec` are copied without
-    re-encoding. Shrinks a store of raw frames about five-fold without recomputing its flow.
-    """
-    source, output = Path(source), Path(output)
-    codec = _check_rgb_codec(rgb_codec)
-    _check_output([source], output, overwrite)
-    threads = threads if threads is not None else min(4, os.cpu_count() or 1)
-    store = Store(source, threads=threads)
-    tmp = _tmp_path(output)
-    try:
-        with h5py.File(tmp, "w") as out:
-            videos = out.create_group("videos")
-            for video_id in store.video_ids:
-                src = store._group(video_id)
-                group = videos.create_group(video_id)
-                for key, value in src.attrs.items():
-                    group.attrs[key] = value
-                for name in src:
-                    if name != "rgb" or store.rgb_codec(video_id) == codec:
-                        group.copy(src[name], group, name=name)
-                if store.rgb_codec(video_id) != codec:
-                    frames = store.rgb(video_id)  # (T, H, W, 3) uint8
-                    if codec == "jpeg":
-                        _write_payloads(group, "rgb", encode_rgb(frames, threads))
-                    else:
-                        t, h, w, _ = frames.shape
-                        group.create_dataset("rgb", data=frames, chunks=(1, h, w, 3), **RGB_HDF5)
-                group.attrs["rgb_codec"] = codec
-            root = {k: v for k, v in store.root_attrs.items() if k not in ("store_kind", "shards")}
-            root.update(
-                schema_version=SCHEMA_VERSION,
-                created_at=_now(),
-                created_with=_created_with(),
-                rgb_codec=codec,
-                recoded_from=source.name,
-            )
-            _put_attrs(out, root)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    finally:
-        store.close()
-    _clear_parts(output)
-    _commit(tmp, output)
-    logger.info("recoded %s into %s: %d videos, rgb %s", source, output, len(store), codec)
-    return output
-
-
-def write_index(
-    shards: Sequence[str | Path], output: str | Path, *, overwrite: bool = False
-) -> Path:
-    """Join shard stores without copying: a small index file that `Store` opens like a store."""
-    shards = [Path(p) for p in shards]
-    output = Path(output)
-    _check_output(shards, output, overwrite)
-    stores = [Store(p) for p in shards]
-    try:
-        if any(s.root_attrs.get("store_kind") == "index" for s in stores):
-            raise ValueError("an index can join store files only, not other indexes")
-        chosen = _pick_videos(stores)
-        if len(chosen) < sum(len(s) for s in stores):
-            raise ValueError("shards share video ids; merge them into one file instead")
-        root = _common_root(stores)
-    finally:
-        for store in stores:
-            store.close()
-    root.update(
-        schema_version=SCHEMA_VERSION,
-        store_kind="index",
-        shards=[os.path.relpath(p.resolve(), output.parent.resolve()) for p in shards],
-        created_at=_now(),
-        created_with=_created_with(),
-    )
-    tmp = _tmp_path(output)
-    with h5py.File(tmp, "w") as out:
-        _put_attrs(out, root)
-    _clear_parts(output)
-    _commit(tmp, output)
-    return output

@@ -5,28 +5,41 @@ locally approximated by f(p) ~ p^T A p + b^T p + c (polynomial expansion: separa
 Gaussian-weighted correlations). A displacement d between the frames satisfies
 A d = -(b2 - b1) / 2 (eq. 7); averaging over a window and iterating over a pyramid gives the flow.
 Each step follows OpenCV's optflowgf.cpp (level count, pre-smoothing, border weights, regularised
-2x2 solve), so the same parameters give the same flow up to float rounding. The work is
-elementwise ops, shifted-slice sums and one grid_sample per iteration over the whole batch, on any
-device.
+2x2 solve) and also its arithmetic: float32 operations in OpenCV's order, without fusing products
+into sums where OpenCV does not and with fused multiply-adds where its vectorised filters use
+them, and float64 where OpenCV accumulates in double (the horizontal expansion pass, the window
+sums and the solve). That matters on real images: in flat, saturated or one-dimensional regions
+the 2x2 systems are near-singular, the coefficients that should vanish keep rounding residues,
+and the flow there follows those residues; on FlyingChairs an implementation that only agreed to
+~1e-7 px elsewhere differed from OpenCV by up to 50 px in such regions (mean EPE off by 0.002 px
+with OpenCV's tutorial parameters, 0.09 px with FarnebackOpticalFlow_create's). Agreement is to
+the last bit on a CPU with FMA for images whose width is a multiple of 8 (the last columns of
+other widths go through OpenCV's scalar code, which rounds differently). The work is elementwise
+ops, shifted-slice sums, running sums and one gather of 20 values per pixel per iteration over
+the whole batch, on any device; flow/_farneback_ops.py holds the per-level update's pieces and
+flow/cvresize.py the OpenCV-exact pyramid and flow resizing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flow import _farneback_ops as _ops
+from flow.cvresize import pyramid_level, resize_flow
+
 OPTFLOW_FARNEBACK_GAUSSIAN = 256
 _MIN_LEVEL_SIZE = 32  # OpenCV stops the pyramid before a level whose side would fall below this
-# OpenCV down-weights the equations of the five pixels nearest each image edge (0 = the edge pixel).
-_BORDER_WEIGHTS = (0.14, 0.14, 0.4472, 0.4472, 0.4472)
-_DET_EPS = 1e-3  # OpenCV's regulariser of det(G) in the 2x2 solve
 _FLT_EPSILON = 1.1920929e-07
-_CPU_CHUNK_PIXELS = 1 << 17  # pixels per pass on a CPU (two 224x224 pairs)
+_CPU_CHUNK_PIXELS = 1 << 16  # pixels per pass on a CPU (one 224x224 or 256x256 pair)
 
 
 @dataclass(frozen=True)
@@ -67,27 +80,55 @@ def farneback(prev: Tensor, nxt: Tensor, params: FarnebackParams = FarnebackPara
         prev, nxt (N, H, W) grey levels in [0, 255] -> (N, H, W, 2) pixels, 0 = dx (right),
         1 = dy (down).
     Device follows the input; float32 and float64 are kept, other dtypes are computed in float32
-    (squared coefficients overflow half precision) and floating ones cast back. On a CPU shared
-    with other busy processes, torch's spinning OpenMP threads can make this >5x slower; one
-    thread (torch.set_num_threads(1)) or OMP_WAIT_POLICY=PASSIVE avoids that.
+    (squared coefficients overflow half precision) and floating ones cast back. On a CPU the
+    pairs are spread over torch.get_num_threads() threads, each op running on one of them.
     """
     _check_pair(prev, nxt)
     out_dtype = prev.dtype if prev.is_floating_point() else torch.float32
     work = out_dtype if out_dtype in (torch.float32, torch.float64) else torch.float32
     n, height, width = prev.shape
-    # On a CPU every op streams its operands through the caches: a few pairs per pass keep them
-    # there (a whole batch of 8 at 224x224 in one pass ran ~1.4x slower per pair than 2 at a time).
-    chunk = n if prev.device.type != "cpu" else max(1, _CPU_CHUNK_PIXELS // (height * width))
-    flows = [
-        _farneback_batch(prev[i : i + chunk].to(work), nxt[i : i + chunk].to(work), params)
-        for i in range(0, n, chunk)
-    ]
-    flow = flows[0] if len(flows) == 1 else torch.cat(flows)
-    return flow.permute(0, 2, 3, 1).contiguous().to(out_dtype)
+
+    def run(start: int, stop: int) -> Tensor:
+        with torch.inference_mode():  # no autograd bookkeeping; thread-local, so per call
+            return _farneback_batch(prev[start:stop].to(work), nxt[start:stop].to(work), params)
+
+    if prev.device.type != "cpu":
+        return run(0, n).to(out_dtype).clone(memory_format=torch.contiguous_format)
+    # Every op streams its operands through the caches, so one pair per pass keeps them there
+    # (two at 224x224 ran ~4% slower per pair, four ~30%). The ops are short, and their OpenMP
+    # barriers cost more than a second thread brings, ruinously on shared cores (10x slower on
+    # a busy 2-core box), so each op runs on one thread and the pairs are spread over threads,
+    # as OpenCV's are. The copies out stay single-threaded too: a 2-thread op leaves its second
+    # thread spinning into the next call.
+    chunk = max(1, _CPU_CHUNK_PIXELS // (height * width))
+    bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+    workers = min(torch.get_num_threads(), len(bounds))
+    with _intra_op_threads(1):
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                flows = list(pool.map(lambda bound: run(*bound), bounds))
+        else:
+            flows = [run(*bound) for bound in bounds]
+        flow = flows[0] if len(flows) == 1 else torch.cat(flows)
+        return flow.to(out_dtype).clone(memory_format=torch.contiguous_format)
+
+
+@contextlib.contextmanager
+def _intra_op_threads(count: int):
+    """Run with `count` intra-op CPU threads, restoring the setting after."""
+    before = torch.get_num_threads()
+    if count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _farneback_batch(prev: Tensor, nxt: Tensor, params: FarnebackParams) -> Tensor:
-    """The whole pyramid for one batch. Shape: prev, nxt (N, H, W) -> (N, 2, H, W)."""
+    """The whole pyramid for one batch. Shape: prev, nxt (N, H, W) -> (N, H, W, 2)."""
     images = torch.cat([prev, nxt]).unsqueeze(1)  # (2N, 1, H, W): both frames share each op
     n, (height, width) = prev.shape[0], prev.shape[1:]
     flow = None
@@ -96,16 +137,15 @@ def _farneback_batch(prev: Tensor, nxt: Tensor, params: FarnebackParams) -> Tens
         for _ in range(k):  # repeated products, not pyr_scale**k, to round exactly as OpenCV does
             scale *= params.pyr_scale
         size = (round(height * scale), round(width * scale))  # cvRound: half to even, like round()
-        coeffs = polynomial_expansion(
-            _pyramid_level(images, scale, size)[:, 0], params.poly_n, params.poly_sigma
-        )
+        level = pyramid_level(images, scale, size)[:, 0]  # (2N, h, w)
+        coeffs = _expand(level, params.poly_n, params.poly_sigma)  # (5, 2N, h, w)
         if flow is None:
-            flow = coeffs.new_zeros(n, 2, *size)  # (N, 2, h, w)
+            flow = coeffs.new_zeros(2, n, *size)  # (2, N, h, w)
         else:
-            flow = F.interpolate(flow, size=size, mode="bilinear", align_corners=False)
+            flow = resize_flow(flow, size)
             flow.mul_(1.0 / params.pyr_scale)  # a product by 1 / scale, which rounds as OpenCV's
-        flow = _refine(coeffs[:n], coeffs[n:], flow, params)
-    return flow
+        flow = _refine(coeffs[:, :n], coeffs[:, n:], flow, params)
+    return flow.permute(1, 2, 3, 0)  # (N, H, W, 2) view
 
 
 class Farneback:
@@ -131,44 +171,67 @@ def polynomial_expansion(img: Tensor, poly_n: int = 5, poly_sigma: float = 1.2) 
     Shape:
         img (N, H, W) -> (N, 5, H, W) channels (rx, ry, rxx, ryy, rxy).
     """
-    g, xg, cg, ig11, ig33, ig55 = _poly_kernels(poly_n, poly_sigma)
-    n = poly_n
-    height, width = img.shape[-2:]
-    # Vertical pass: per column, the moments under weights g, y g and (y^2 - m2) g, pairing the
-    # rows at +-k since the weights are even or odd.
-    src = _pad_replicate(img.unsqueeze(1), 0, n)[:, 0]  # (N, H + 2n, W)
-    mom = src.new_empty(src.shape[0], 3, height, width)  # (N, 3, H, W)
-    v0, v1, v2 = mom.unbind(1)
-    centre = src[:, n : n + height]
-    torch.mul(centre, g[n], out=v0)
-    v1.zero_()
-    torch.mul(centre, cg[n], out=v2)
+    return _expand(img, poly_n, poly_sigma).transpose(0, 1)[:, [0, 1, 2, 4, 3]]
+
+
+def _expand(img: Tensor, n: int, sigma: float) -> Tensor:
+    """`polynomial_expansion` in the layout the flow updates read, with OpenCV's rounding.
+
+    The vertical pass runs in the input's precision and the horizontal one accumulates in
+    float64, with OpenCV's operation order and its float32 products where it takes them: in flat
+    or one-dimensional regions the coefficients that should be zero keep rounding residues, and
+    the flow there is decided by them.
+
+    Shape:
+        img (B, H, W) -> (5, B, H, W) channels (rx, ry, rxx, rxy, ryy), img's dtype.
+    """
+    g, xg, xxg, ig11, ig03, ig33, ig55 = _poly_kernels(n, sigma, img.dtype != torch.float64)
+    batch, height, width = img.shape
+    wide = torch.float64
+    src = _pad_replicate(img.unsqueeze(1), 0, n)[:, 0]  # (B, H + 2n, W)
+    # Vertical pass: per column, the moments under weights g, y g and y^2 g, pairing the rows at
+    # +-k since the weights are even or odd; products and sums stay separate operations (a fused
+    # multiply-add rounds differently from OpenCV's code). The result lands in the middle of a
+    # buffer that also holds the horizontal pass's replicated borders.
+    mom = img.new_empty(3, batch, height, width + 2 * n)  # (3, B, H, W + 2n)
+    centre = mom[..., n : n + width]
+    torch.mul(src[:, n : n + height], g[0], out=centre[0])
+    centre[1:].zero_()
+    terms = img.new_empty(3, batch, height, width)  # (p, d, p) with p = up + down, d = down - up
     for k in range(1, n + 1):
         up, down = src[:, n - k : n - k + height], src[:, n + k : n + k + height]
-        pair = up + down
-        v0.add_(pair, alpha=g[n + k])
-        v2.add_(pair, alpha=cg[n + k])
-        v1.add_(down - up, alpha=xg[n + k])
-    # Horizontal pass fused with the inverse Gram matrix, whose 1 - x^2 - y^2 block is folded into
-    # the zero-sum weights cg. (Single-plane in-place updates beat stacked ones on the CPU.)
-    mom = _pad_replicate(mom, n, 0)  # (N, 3, H, W + 2n)
-    out = src.new_empty(src.shape[0], 5, height, width)
-    rx, ry, rxx, ryy, rxy = out.unbind(1)
-    c0, c1, c2 = mom[..., n : n + width].unbind(1)
-    rx.zero_()
-    rxy.zero_()
-    torch.mul(c1, ig11 * g[n], out=ry)
-    torch.mul(c0, ig33 * cg[n], out=rxx)
-    torch.mul(c2, ig33 * g[n], out=ryy)
+        torch.add(up, down, out=terms[0])
+        torch.sub(down, up, out=terms[1])
+        terms[2].copy_(terms[0])
+        terms.mul_(img.new_tensor([g[k], xg[k], xxg[k]]).view(3, 1, 1, 1))
+        centre.add_(terms)
+    mom[..., :n] = mom[..., n : n + 1]
+    mom[..., n + width :] = mom[..., n + width - 1 : n + width]
+    # Horizontal pass into float64 sums b1..b6 (weights 1, x, y, x^2, y^2, xy), kept in the order
+    # (b4, b1, b3, b5, b2, b6). OpenCV multiplies the even moment of the first channel in
+    # float64 and rounds the other products to the input precision before summing them.
+    sums = torch.empty(6, batch, height, width, dtype=wide, device=img.device)
+    sums[1:4] = centre * g[0]  # b1, b3, b5: float32 products
+    sums[0].zero_()
+    sums[4:].zero_()
+    pd = img.new_empty(5, batch, height, width)  # pairs and differences (s0, s1, s2, d0, d1)
     for k in range(1, n + 1):
         left, right = mom[..., n - k : n - k + width], mom[..., n + k : n + k + width]
-        pair = left + right  # (N, 3, H, W)
-        diff = right[:, :2] - left[:, :2]
-        rx.add_(diff[:, 0], alpha=ig11 * xg[n + k])
-        ry.add_(pair[:, 1], alpha=ig11 * g[n + k])
-        rxx.add_(pair[:, 0], alpha=ig33 * cg[n + k])
-        ryy.add_(pair[:, 2], alpha=ig33 * g[n + k])
-        rxy.add_(diff[:, 1], alpha=ig55 * xg[n + k])
+        torch.add(right, left, out=pd[:3])
+        torch.sub(right[:2], left[:2], out=pd[3:])
+        # Products rounded to the input precision, then summed in float64: b3, b5, b2, b6.
+        sums[2:].add_(pd[1:] * img.new_tensor([g[k], g[k], xg[k], xg[k]]).view(4, 1, 1, 1))
+        # Products of two float32 numbers are exact in float64, so fusing them into the sums
+        # rounds as OpenCV's separate product and sum do: b4, b1.
+        sums[:2].addcmul_(pd[0], sums.new_tensor([xxg[k], g[k]]).view(2, 1, 1, 1))
+    b4, b1, b3, b5, b2, b6 = sums
+    out = img.new_empty(5, batch, height, width)
+    torch.mul(b2, ig11, out=out[0])  # rx
+    torch.mul(b3, ig11, out=out[1])  # ry
+    constant = b1 * ig03
+    torch.add(constant, b4 * ig33, out=out[2])  # rxx
+    torch.mul(b6, ig55, out=out[3])  # rxy
+    torch.add(constant, b5 * ig33, out=out[4])  # ryy
     return out
 
 
@@ -176,178 +239,46 @@ def _refine(r0: Tensor, r1: Tensor, flow: Tensor, params: FarnebackParams) -> Te
     """`iterations` displacement updates at one level (OpenCV's UpdateMatrices + UpdateFlow loop).
 
     Shape:
-        r0, r1 (N, 5, h, w); flow (N, 2, h, w) -> (N, 2, h, w).
+        r0, r1 (5, N, h, w) channels (rx, ry, rxx, rxy, ryy); flow (2, N, h, w) -> (2, N, h, w).
     """
-    height, width = flow.shape[-2:]
+    height, width = r0.shape[-2:]
     like = dict(dtype=flow.dtype, device=flow.device)
-    # Halve once per level the coefficients that enter A and delta b as means or halves (paper
-    # eqs. 9-10); A's off-diagonal entry is half of rxy.
-    half = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.25], **like).view(1, 5, 1, 1)
-    r0h, r1h = r0 * half, r1 * half
-    fallback = r0h.clone()  # where x + d leaves the image OpenCV uses A1 alone and b2 = 0
-    fallback[:, :2] = 0
-    ys, xs = torch.arange(height, **like), torch.arange(width, **like)
-    base = torch.stack(torch.meshgrid(xs, ys, indexing="xy")).unsqueeze(0)  # (1, 2, h, w) x, y
-    top = torch.tensor([width - 1, height - 1], **like).view(1, 2, 1, 1)
-    span = torch.tensor([max(width - 1, 1), max(height - 1, 1)], **like).view(1, 2, 1, 1)
-    weight2 = _border_weight(height, width, flow) ** 2  # (h, w)
+    sample = _ops.Sampler(r1) if height > 1 and width > 1 else None  # else no pixel is inside
+    # Where the displaced pixel's neighbours leave the image OpenCV uses A1 alone and b2 = 0:
+    # these values in place of R1's samples give exactly that in the shared arithmetic below.
+    fallback = r0 * torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0], **like).view(5, 1, 1, 1)
+    half = torch.tensor([0.5, 0.5, 0.5, 0.25, 0.5], **like).view(5, 1, 1, 1)  # A = mean; rxy / 2
+    border = _ops.border_weight(height, width, flow)  # (h, w), 1 away from the edges
     radius = params.winsize // 2
+
+    def update_matrices(flow: Tensor) -> Tensor:
+        """G = A^T A and h = A^T delta b per pixel, with A = (A1(x) + A2(x + d)) / 2 and
+        delta b = -(b2(x + d) - b1(x)) / 2 + A d (paper eqs. 9-10, 12-13).
+
+        Shape: flow (2, N, h, w) -> (5, N, h, w) channels (gxx, gyy, hx, hy, gxy).
+        """
+        t = fallback.clone() if sample is None else sample(flow, fallback)  # (-rx, -ry, ...) of R1
+        t.add_(r0).mul_(half)  # (bx, by, axx, axy, ayy), delta b before A d
+        t[0:2] += t[3:5] * flow[1] + t[2:4] * flow[0]  # delta b += A d
+        _ops.apply_border(t, border)
+        m = torch.empty_like(t)
+        sq = t[2:5] * t[2:5]  # axx^2, axy^2, ayy^2
+        torch.add(sq[0::2], sq[1], out=m[0:2])  # gxx, gyy
+        torch.add(t[2:4] * t[0], t[3:5] * t[1], out=m[2:4])  # hx, hy
+        torch.mul(t[2] + t[4], t[3], out=m[4])  # gxy
+        return m
+
     if params.flags & OPTFLOW_FARNEBACK_GAUSSIAN:
-        sigma = radius * 0.3
-        taps = [math.exp(-(i * i) / (2 * sigma * sigma)) if i else 1.0 for i in range(radius + 1)]
-        total = taps[0] + 2 * sum(taps[1:])
-        taps, eps = [t / total for t in taps], _DET_EPS
+        taps = _ops.window_taps(radius)
+        window = lambda m: _ops.gaussian_window(m, radius, taps)  # noqa: E731
     else:
-        # Plain window sums; OpenCV's 1 / winsize^2 normalisation only rescales the regulariser.
-        taps, eps = None, _DET_EPS * float(params.winsize) ** 4
-    # M lives in the centre of a replicate-padded buffer so the window sums need no extra copy.
-    m_pad = flow.new_empty(flow.shape[0], 5, height + 2 * radius, width + 2 * radius)
-    m = m_pad[..., radius : radius + height, radius : radius + width]  # (gxx, gyy, hx, hy, gxy)
-
-    def update_matrices(flow: Tensor) -> None:
-        """G = A^T A and h = A^T delta b per pixel into m, with A = (A1(x) + A2(x + d)) / 2 and
-        delta b = -(b2(x + d) - b1(x)) / 2 + A d (paper eqs. 9-10, 12-13)."""
-        pos = flow + base  # (N, 2, h, w) where each pixel lands in the second image
-        # OpenCV samples R1 bilinearly only where all four neighbours are inside.
-        ok = (pos >= 0) & (pos < top)
-        inside = (ok[:, 0] & ok[:, 1]).unsqueeze(1)  # (N, 1, h, w)
-        # grid_sample's [-1, 1] coordinates, computed as pos / span * 2 - 1: a precomputed
-        # 2 / span or offset grid rounds worse and shifts the samples by up to ~1e-5 px.
-        grid = (pos / span).mul_(2).sub_(1).permute(0, 2, 3, 1)  # (N, h, w, 2)
-        r1w = F.grid_sample(r1h, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        t = torch.where(inside, r1w, fallback)  # (N, 5, h, w) -> (db, A) in place
-        torch.sub(r0h[:, :2], t[:, :2], out=t[:, :2])
-        t[:, 2:].add_(r0h[:, 2:])
-        dbx, dby, axx, ayy, axy = t.unbind(1)
-        dx, dy = flow.unbind(1)
-        bx = torch.addcmul(dbx, axx, dx).addcmul_(axy, dy)  # delta b = db + A d
-        by = torch.addcmul(dby, ayy, dy).addcmul_(axy, dx)
-        gxx, gyy, hx, hy, gxy = m.unbind(1)
-        off2 = axy * axy
-        torch.addcmul(off2, axx, axx, out=gxx)
-        torch.addcmul(off2, ayy, ayy, out=gyy)
-        torch.mul(axx, bx, out=hx).addcmul_(axy, by)
-        torch.mul(ayy, by, out=hy).addcmul_(axy, bx)
-        torch.add(axx, ayy, out=gxy).mul_(axy)
-        m.mul_(weight2)
-        _fill_replicate_border(m_pad, radius)
-
-    update_matrices(flow)
+        window = lambda m: _ops.box_window(m, radius, params.winsize)  # noqa: E731
+    m = update_matrices(flow)
     for i in range(params.iterations):
-        gxx, gyy, hx, hy, gxy = _window_sum(m_pad, radius, taps).unbind(1)
-        det = (gxx * gyy).addcmul_(gxy, gxy, value=-1).add_(eps)
-        # d = G^-1 h, the least-squares solution of the windowed equations (paper eq. 13).
-        flow = torch.empty_like(flow)
-        torch.mul(gyy, hx, out=flow[:, 0]).addcmul_(gxy, hy, value=-1).div_(det)
-        torch.mul(gxx, hy, out=flow[:, 1]).addcmul_(gxy, hx, value=-1).div_(det)
+        flow = _ops.solve(window(m), flow.dtype)
         if i < params.iterations - 1:
-            update_matrices(flow)
+            m = update_matrices(flow)
     return flow
-
-
-def _fill_replicate_border(x: Tensor, pad: int) -> None:
-    """Fill the `pad`-wide frame of (N, C, H, W) in place by replicating the centre's edges."""
-    if pad == 0:
-        return
-    x[..., :pad, pad:-pad] = x[..., pad : pad + 1, pad:-pad]
-    x[..., -pad:, pad:-pad] = x[..., -pad - 1 : -pad, pad:-pad]
-    x[..., :pad] = x[..., pad : pad + 1]
-    x[..., -pad:] = x[..., -pad - 1 : -pad]
-
-
-def _window_sum(xp: Tensor, radius: int, taps: list[float] | None) -> Tensor:
-    """Separable (2 radius + 1)^2 window over a tensor padded by `radius` on each side.
-
-    taps None is a plain box sum (binary doubling: about 2 log2(size) additions per axis);
-    otherwise symmetric 1-D weights taps[0..radius].
-
-    Shape:
-        xp (N, C, h + 2 radius, w + 2 radius) -> (N, C, h, w).
-    """
-    x = xp
-    for dim in (2, 3):
-        size = x.shape[dim] - 2 * radius
-        if taps is None:
-            x = _box_sum(x, 2 * radius + 1, dim, size)
-        else:
-            out = x.narrow(dim, radius, size) * taps[0]
-            for i in range(1, radius + 1):
-                out.add_(
-                    x.narrow(dim, radius - i, size) + x.narrow(dim, radius + i, size), alpha=taps[i]
-                )
-            x = out
-    return x
-
-
-def _box_sum(x: Tensor, length: int, dim: int, size: int) -> Tensor:
-    """Sums of `length` consecutive entries along `dim` (x has size + length - 1 entries there)."""
-    if length == 1:
-        return x.clone()
-    parts, offset, span = [], 0, 1
-    block = x  # block[i] = sum of `span` consecutive entries from i
-    while span <= length:
-        if length & span:
-            parts.append(block.narrow(dim, offset, size))
-            offset += span
-        if span * 2 <= length:
-            cut = block.shape[dim] - span
-            block = block.narrow(dim, 0, cut) + block.narrow(dim, span, cut)
-        span *= 2
-    out = parts[0] + parts[1] if len(parts) > 1 else parts[0].clone()
-    for part in parts[2:]:
-        out.add_(part)
-    return out
-
-
-def _pyramid_level(images: Tensor, scale: float, size: tuple[int, int]) -> Tensor:
-    """OpenCV's pyramid level: Gaussian pre-smoothing of the full image, then bilinear resize.
-
-    Shape:
-        images (B, 1, H, W) -> (B, 1, h, w).
-    """
-    sigma = (1.0 / scale - 1.0) * 0.5
-    ksize = max(round(sigma * 5) | 1, 3)
-    taps = _gaussian_kernel(ksize, sigma)
-    radius = ksize // 2
-    blurred = images
-    for dim in (2, 3):
-        length = blurred.shape[dim]
-        padded = _pad_reflect101(blurred, dim, radius)
-        blurred = padded.narrow(dim, radius, length) * taps[radius]
-        for i in range(1, radius + 1):
-            pair = padded.narrow(dim, radius - i, length) + padded.narrow(dim, radius + i, length)
-            blurred.add_(pair, alpha=taps[radius + i])
-    if tuple(blurred.shape[-2:]) == size:
-        return blurred
-    return F.interpolate(blurred, size=size, mode="bilinear", align_corners=False, antialias=False)
-
-
-def _gaussian_kernel(ksize: int, sigma: float) -> list[float]:
-    """cv2.getGaussianKernel: the fixed binomial taps for size 3 when sigma <= 0."""
-    if sigma <= 0 and ksize == 3:
-        return [0.25, 0.5, 0.25]
-    if sigma <= 0:
-        sigma = 0.3 * ((ksize - 1) * 0.5 - 1) + 0.8
-    taps = [math.exp(-((i - (ksize - 1) / 2) ** 2) / (2 * sigma * sigma)) for i in range(ksize)]
-    total = sum(taps)
-    return [t / total for t in taps]
-
-
-def _pad_reflect101(x: Tensor, dim: int, pad: int) -> Tensor:
-    """Pad axis `dim` (2 or 3) of (B, C, H, W) by OpenCV's default border: 2 1 | 0 1 2 .. | L-2."""
-    length = x.shape[dim]
-    if pad == 0:
-        return x
-    if pad < length:
-        return F.pad(x, (0, 0, pad, pad) if dim == 2 else (pad, pad, 0, 0), mode="reflect")
-    idx = torch.arange(
-        -pad, length + pad, device=x.device
-    )  # pads wider than the image fold repeatedly
-    if length == 1:
-        return x.index_select(dim, torch.zeros_like(idx))
-    period = 2 * (length - 1)
-    idx = idx.abs() % period
-    return x.index_select(dim, torch.where(idx >= length, period - idx, idx))
 
 
 def _pad_replicate(x: Tensor, pad_x: int, pad_y: int) -> Tensor:
@@ -358,58 +289,75 @@ def _pad_replicate(x: Tensor, pad_x: int, pad_y: int) -> Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _poly_kernels(
-    n: int, sigma: float
-) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...], float, float, float]:
-    """OpenCV's FarnebackPrepareGaussian: 1-D taps g, x g, (x^2 - m2) g and inverse-Gram entries.
+def _poly_kernels(n: int, sigma: float, single: bool = True) -> tuple[tuple[float, ...], ...]:
+    """OpenCV's FarnebackPrepareGaussian: taps g, x g, x^2 g and inverse-Gram entries.
 
-    m2 = sum x^2 g. The Gram matrix of the basis (1, x, y, x^2, y^2, xy) under g(x) g(y) has
-    inverse entries ig03 = -m2 ig33 and ig34 = 0, so the x^2 coefficient is
-    ig33 sum (x^2 - m2) g(x) g(y) f: zero-sum weights, free of the cancellation between the
-    1 and x^2 terms in flat regions.
+    Returns (g, xg, xxg, ig11, ig03, ig33, ig55) with the taps indexed 0..n (they are even or
+    odd). With `single`, the taps and the products summed into the Gram matrix of the basis
+    (1, x, y, x^2, y^2, xy) under g(x) g(y) are rounded to float32 as OpenCV does, so the
+    coefficients round as OpenCV's; otherwise everything stays float64.
     """
     if sigma < _FLT_EPSILON:
         sigma = n * 0.3
-    xs = range(-n, n + 1)
-    g = [math.exp(-x * x / (2 * sigma * sigma)) for x in xs]
-    total = sum(g)
-    g = [v / total for v in g]
-    m2 = sum(x * x * v for x, v in zip(xs, g))
-    m4 = sum(x**4 * v for x, v in zip(xs, g))
-    gram = torch.zeros(6, 6, dtype=torch.float64)
-    gram[0, 0] = 1.0
-    gram[1, 1] = gram[2, 2] = gram[0, 3] = gram[3, 0] = gram[0, 4] = gram[4, 0] = m2
-    gram[3, 3] = gram[4, 4] = m4
-    gram[3, 4] = gram[4, 3] = gram[5, 5] = m2 * m2
-    inv = torch.linalg.inv(gram)
-    xg = tuple(x * v for x, v in zip(xs, g))
-    cg = tuple((x * x - m2) * v for x, v in zip(xs, g))
-    return tuple(g), xg, cg, float(inv[1, 1]), float(inv[3, 3]), float(inv[5, 5])
-
-
-def _border_weight(height: int, width: int, like: Tensor) -> Tensor:
-    """OpenCV's per-pixel weight of the equations near the image edges. Shape: (h, w).
-
-    OpenCV tests "near an edge" as (unsigned)(x - 5) >= (unsigned)(w - 10), which most pixels of
-    images narrower than 10 px fail; those keep weight 1, and we follow.
-    """
-    size = len(_BORDER_WEIGHTS)
-
-    def axis(length: int) -> tuple[list[float], list[bool]]:
-        w = [1.0] * length
-        for i, value in enumerate(_BORDER_WEIGHTS[: min(size, length)]):
-            w[i] *= value
-            w[length - 1 - i] *= value
-        near = [(i - size) % 2**32 >= (length - 2 * size) % 2**32 for i in range(length)]
-        return w, near
-
-    (wy, near_y), (wx, near_x) = axis(height), axis(width)
-    weight = (
-        torch.tensor(wy, dtype=torch.float64)[:, None]
-        * torch.tensor(wx, dtype=torch.float64)[None, :]
+    rnd = np.float32 if single else np.float64
+    raw = [rnd(math.exp(-x * x / (2 * sigma * sigma))) for x in range(-n, n + 1)]
+    scale = 1.0 / sum(float(v) for v in raw)
+    g = [rnd(float(v) * scale) for v in raw]
+    gram = np.zeros((6, 6))
+    for y in range(-n, n + 1):
+        for x in range(-n, n + 1):
+            gg, fx, fy = g[y + n] * g[x + n], rnd(x), rnd(y)
+            gram[0, 0] += gg
+            gram[1, 1] += gg * fx * fx
+            gram[3, 3] += gg * fx * fx * fx * fx
+            gram[5, 5] += gg * fx * fx * fy * fy
+    gram[2, 2] = gram[0, 3] = gram[0, 4] = gram[3, 0] = gram[4, 0] = gram[1, 1]
+    gram[4, 4] = gram[3, 3]
+    gram[3, 4] = gram[4, 3] = gram[5, 5]
+    inv = _cholesky_inverse(gram.tolist())
+    taps = [g[n + k] for k in range(n + 1)]
+    return (
+        tuple(float(t) for t in taps),
+        tuple(float(rnd(k) * t) for k, t in enumerate(taps)),
+        tuple(float(rnd(k * k) * t) for k, t in enumerate(taps)),
+        inv[1][1],
+        inv[0][3],
+        inv[3][3],
+        inv[5][5],
     )
-    near = torch.tensor(near_y)[:, None] | torch.tensor(near_x)[None, :]
-    return torch.where(near, weight, 1.0).to(dtype=like.dtype, device=like.device)
+
+
+def _cholesky_inverse(a: list[list[float]]) -> list[list[float]]:
+    """Inverse of a symmetric positive-definite matrix, in the order of OpenCV's Cholesky solver.
+
+    (LAPACK's or numpy's inverse differ in the last bits, which the flow can amplify.)
+    """
+    size = len(a)
+    low = [row[:] for row in a]  # the factor L, with 1 / L[i][i] kept on the diagonal
+    for i in range(size):
+        for j in range(i):
+            s = low[i][j]
+            for k in range(j):
+                s -= low[i][k] * low[j][k]
+            low[i][j] = s * low[j][j]
+        s = low[i][i]
+        for k in range(i):
+            s -= low[i][k] * low[i][k]
+        low[i][i] = 1.0 / math.sqrt(s)
+    out = [[float(i == j) for j in range(size)] for i in range(size)]
+    for i in range(size):  # L y = I
+        for j in range(size):
+            s = out[i][j]
+            for k in range(i):
+                s -= low[i][k] * out[k][j]
+            out[i][j] = s * low[i][i]
+    for i in range(size - 1, -1, -1):  # L^T x = y
+        for j in range(size):
+            s = out[i][j]
+            for k in range(size - 1, i, -1):
+                s -= low[k][i] * out[k][j]
+            out[i][j] = s * low[i][i]
+    return out
 
 
 def _level_count(height: int, width: int, params: FarnebackParams) -> int:

@@ -3,7 +3,8 @@
 The layer is fitted on validation predictions only. Its L2 strength is chosen by stratified
 cross-validation on the validation set when the smaller class is big enough, and the learned
 fusion is then judged on its out-of-fold logits: in-sample logits would flatter it, since it was
-fitted on those very videos while the streams never trained on them. When it still scores below
+fitted on those very videos while the streams never trained on them. A smaller validation set
+keeps a fixed L2 strength and judges the layer leave-one-out, for the same reason. When it still scores below
 the best single stream, the model falls back to that stream and says why.
 
 Baselines computed alongside: each stream alone, the plain average of probabilities, and TSN's
@@ -22,7 +23,7 @@ import numpy as np
 from scipy.special import expit, logit
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import BaseCrossValidator, LeaveOneOut, StratifiedKFold
 from sklearn.utils.class_weight import compute_sample_weight
 
 from fusion.metrics import compute_metrics
@@ -238,7 +239,7 @@ def _fit_lr(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, float]:
     return w, float(lr.intercept_[0] - w @ mean)
 
 
-def _out_of_fold(x: np.ndarray, y: np.ndarray, c: float, folds: StratifiedKFold) -> np.ndarray:
+def _out_of_fold(x: np.ndarray, y: np.ndarray, c: float, folds: BaseCrossValidator) -> np.ndarray:
     oof = np.empty(len(y))
     for train, test in folds.split(x, y):
         w, b = _fit_lr(x[train], y[train], c)
@@ -261,9 +262,14 @@ def _score(labels: np.ndarray, logits: np.ndarray, cfg: FusionConfig) -> dict:
     }
 
 
+def _loss(s: dict) -> float:
+    """The log-loss candidates are compared by: calibrated when known, else the raw one."""
+    return s.get("calibrated_log_loss", s["log_loss"])
+
+
 def _rank_key(s: dict, metric: str) -> tuple[float, float, float]:
-    """Larger is better: the chosen metric, then lower log-loss, then higher ROC-AUC."""
-    return (s[metric] if s[metric] is not None else -np.inf, -s["log_loss"], s["roc_auc"] or 0.0)
+    """Larger is better: the chosen metric, then lower log-loss (`_loss`), then higher ROC-AUC."""
+    return (s[metric] if s[metric] is not None else -np.inf, -_loss(s), s["roc_auc"] or 0.0)
 
 
 def fit_fusion(
@@ -313,25 +319,45 @@ def fit_fusion(
             if best is None or loss < best[0] - 1e-12:
                 best = (loss, c, oof)
         _, c, learned_val = best
-        n_folds = cfg.cv_folds
+        n_folds, how = cfg.cv_folds, "out-of-fold"
+        judge = folds
     else:
+        # Too few videos to choose C, but still enough to judge the layer honestly: each video is
+        # scored by a layer fitted without it. Scored in-sample, a layer fitted on a handful of
+        # videos matches them perfectly and always looks as good as the best stream.
         c, n_folds = cfg.default_c, 0
+        judge = LeaveOneOut() if minority >= 2 else None
+        learned_val = _out_of_fold(x, y, c, judge) if judge is not None else None
+        how = "leave-one-out"
         logger.info(
             "validation minority class has %d videos (< %d): L2 strength left at C=%g, learned fusion "
-            "scored in-sample",
+            "scored %s",
             minority,
             cfg.cv_min_per_class,
             c,
+            how if learned_val is not None else "not at all (one video cannot be held out and learned from)",
         )
     w, b = _fit_lr(x, y, c)
-    if n_folds == 0:
-        learned_val = x @ w + b
 
     base = baselines(aligned, dict(cfg.tsn_weights))
     scores = {name: _score(y, p.logits, cfg) for name, p in base.items()}
-    scores["learned"] = _score(y, learned_val, cfg)
+    if learned_val is not None:
+        scores["learned"] = _score(y, learned_val, cfg)
+        # Ties in the metric go to the lower log-loss. The layer's logits are calibrated, the
+        # streams' raw ones are not, so each stream is compared through the same layer fitted on
+        # its logit alone, judged the same way: the nested comparison asks whether the other
+        # streams add anything out of sample, and pure noise in one stream does not pass it.
+        sample_w = compute_sample_weight("balanced", y)
+        for stream in streams:
+            alone = _out_of_fold(x[:, [features.index(f"{stream}:logit")]], y, c, judge)
+            scores[stream]["calibrated_log_loss"] = float(
+                log_loss(y, expit(alone), sample_weight=sample_w, labels=[0, 1])
+            )
+        scores["learned"]["calibrated_log_loss"] = float(
+            log_loss(y, expit(learned_val), sample_weight=sample_w, labels=[0, 1])
+        )
     best_single = max(streams, key=lambda s: _rank_key(scores[s], cfg.select_metric))
-    learned, single = scores["learned"], scores[best_single]
+    learned, single = scores.get("learned"), scores[best_single]
     common = dict(
         streams=streams,
         goal=cfg.goal,
@@ -341,13 +367,18 @@ def fit_fusion(
         n_val=len(y),
         validation=scores,
     )
-    if _rank_key(learned, cfg.select_metric) < _rank_key(single, cfg.select_metric):
-        how = "out-of-fold" if n_folds else "in-sample"
-        reason = (
-            f"learned fusion ({how}) scored validation {cfg.select_metric} {learned[cfg.select_metric]:.4f}, "
-            f"log-loss {learned['log_loss']:.4f}, below {best_single} alone "
-            f"({single[cfg.select_metric]:.4f}, log-loss {single['log_loss']:.4f}); using {best_single} alone"
-        )
+    if learned is None or _rank_key(learned, cfg.select_metric) < _rank_key(single, cfg.select_metric):
+        if learned is None:
+            reason = (
+                f"validation holds a single video of one class: a learned fusion cannot be judged; "
+                f"using {best_single} alone"
+            )
+        else:
+            reason = (
+                f"learned fusion ({how}) scored validation {cfg.select_metric} {learned[cfg.select_metric]:.4f}, "
+                f"log-loss {_loss(learned):.4f}, below {best_single} alone "
+                f"({single[cfg.select_metric]:.4f}, log-loss {_loss(single):.4f}); using {best_single} alone"
+            )
         logger.warning("%s", reason)
         return FusionModel(
             features=(f"{best_single}:logit",),

@@ -463,13 +463,16 @@ def cross_validate(
     goal: str = "accuracy",
     min_recall: float | None = None,
     on_event: Event | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Stratified group k-fold: per fold train both streams, fuse on its val part, evaluate on its test fold.
 
     `store` may also be a dataset folder or CSV: it is indexed and extracted into OUT/store.h5
     with the preset's settings first (OUT/manifest.csv, resumable). No source recording is in two folds; each round's validation part is carved from the
     training folds by group (data.splits.fold_split). `config` (a streams RunConfig) replaces the
-    preset's training config. Writes OUT/fold<k>/ runs, OUT/cv.json and OUT/cv.md; returns the
+    preset's training config. `seed` (the preset's; a `config` keeps its own) draws the folds
+    and seeds training: repeated with other seeds, it is repeated k-fold cross-validation. Writes
+    OUT/fold<k>/ runs, OUT/cv.json and OUT/cv.md; returns the
     summary {"folds": [...], "summary": {model: {metric: {"mean", "std"}}}}.
     """
     from fusion.presets import train_devices
@@ -491,7 +494,7 @@ def cross_validate(
             f"--folds {folds} is more than the {n_groups} source recordings (groups) in {store}; "
             f"use at most {n_groups} folds"
         )
-    base = config if config is not None else chosen.run_config(epochs)
+    base = config if config is not None else chosen.run_config(epochs, seed=seed)
     if config is not None and epochs is not None:
         base = replace(base, train=replace(base.train, epochs=epochs))
     devices = list(devices or train_devices(chosen))
@@ -516,7 +519,7 @@ def cross_validate(
     summary = {m: {name: _mean_std([r[m][name] for r in rows]) for name, _ in _CV_METRICS}
                for m in ("rgb", "flow", "fused")}
     doc = {"store": str(store.resolve()), "folds": folds, "tta": k, "goal": goal, "preset": chosen.name,
-           "rounds": rows, "summary": summary}
+           "seed": base.train.seed, "rounds": rows, "summary": summary}
     write_atomic(out / "cv.json", json.dumps(doc, indent=2) + "\n")
     write_atomic(out / "cv.md", _cv_markdown(doc))
     return doc

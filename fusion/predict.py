@@ -38,10 +38,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.special import expit
 
-from data.clips import ClipConfig
+from data.clips import ClipConfig, normalize_clip
 from data.flowcodec import decode, encode
+from data.rgbcodec import decode_rgb, encode_rgb
 from data.sampling import Sampling
-from data.store import decode_rgb, encode_rgb
 from data.video import iter_frames, source_fps
 from fusion.late import FusionModel, fuse_logits, load_fusion
 from fusion.predictions import write_atomic
@@ -168,11 +168,12 @@ class Scorer:
 
     def _logit(self, stream: str, frames: np.ndarray | None, flow: np.ndarray | None) -> float:
         """Mean logit of one stream over the views of one window."""
-        clips = [clip_from_arrays(stream, frames, flow, self.clip_cfgs[stream], v, self.bound)[0] for v in self.views]
+        clips = [clip_from_arrays(stream, frames, flow, self.clip_cfgs[stream], v)[0] for v in self.views]
         out = []
         with torch.inference_mode():
             for i in range(0, len(clips), self.batch_views):
                 batch = torch.stack(clips[i : i + self.batch_views]).to(self.device)  # (V, T, C, H, W)
+                batch = normalize_clip(batch, stream, self.bound)  # on the device: float32 network input
                 out.append(self.models[stream](batch).float().reshape(-1).cpu())
         return float(torch.cat(out).mean())
 

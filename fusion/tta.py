@@ -28,10 +28,17 @@ import numpy as np
 import torch
 
 from data.augment import ClipParams, spatial_matrix, warp_affine
-from data.clips import ClipConfig, flow_positions, resize_clip, stack_fields, uniform_positions
+from data.clips import (
+    ClipConfig,
+    channels_first,
+    clip_inputs,
+    flow_positions,
+    resize_clip,
+    stack_fields,
+    uniform_positions,
+)
 from data.store import Store
 from fusion.predictions import Predictions, average_views
-from streams.backbones import normalize_flow, normalize_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -110,25 +117,25 @@ def _warp(x: np.ndarray, view: ViewSpec, vectors: bool) -> np.ndarray:
 
 
 def rgb_view(frames: np.ndarray, view: ViewSpec, size: int | None = None) -> torch.Tensor:
-    """A view's spatial transform on RGB frames, normalised as the RGB stream expects.
+    """A view's spatial transform on RGB frames, channels first and not yet normalised.
 
-    Shape: (T, H, W, 3) uint8 -> (T, 3, S, S) float32, S = size or the frames' side.
+    Shape: (T, H, W, 3) uint8 -> (T, 3, S, S) uint8, S = size or the frames' side.
     """
     frames = _warp(np.asarray(frames), view, vectors=False)
     if size is not None:
         frames = resize_clip(frames, size)
-    return normalize_rgb(torch.from_numpy(np.ascontiguousarray(frames))).contiguous()
+    return channels_first(frames)
 
 
-def flow_view(flow: np.ndarray, view: ViewSpec, size: int | None, bound: float) -> torch.Tensor:
-    """A view's spatial transform on stacks of flow fields, normalised by `bound`.
+def flow_view(flow: np.ndarray, view: ViewSpec, size: int | None = None) -> torch.Tensor:
+    """A view's spatial transform on stacks of flow fields, channels first, in pixels.
 
-    Shape: (T, L, H, W, 2) float32 px -> (T, 2L, S, S) float32 in [-1, 1].
+    Shape: (T, L, H, W, 2) float32 px -> (T, 2L, S, S) float16 px (`normalize_clip` divides by the bound).
     """
     flow = _warp(np.asarray(flow, np.float32), view, vectors=True)
     if size is not None:
         flow = resize_clip(flow, size, vectors=True)
-    return normalize_flow(torch.from_numpy(np.ascontiguousarray(flow)), bound).contiguous()
+    return channels_first(flow, torch.float16)
 
 
 def clip_from_arrays(
@@ -137,12 +144,12 @@ def clip_from_arrays(
     flow: np.ndarray | None,
     cfg: ClipConfig,
     view: ViewSpec,
-    bound: float = _DEFAULT_BOUND,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """One view's clip from in-memory frames (rgb) or flow fields (flow), e.g. a scoring window.
 
-    Shape: frames (n, H, W, 3) uint8 or flow (n - 1, H, W, 2) float32 px ->
-    clip (T, C, S, S), positions (T,).
+    The clip is what `ViewDataset` yields (uint8 RGB, float16 flow in px); `normalize_clip` turns
+    it into network input on the device. Shape: frames (n, H, W, 3) uint8 or flow (n - 1, H, W, 2)
+    float32 px -> clip (T, C, S, S), positions (T,).
     """
     if stream == "rgb":
         if frames is None or len(frames) < 1:
@@ -154,7 +161,7 @@ def clip_from_arrays(
             raise ValueError("a flow clip needs at least one flow field (two frames)")
         pos = view_positions(flow_positions(len(flow) + 1, cfg.flow_stack), cfg.steps, view)
         fields = stack_fields(pos, len(flow), cfg.flow_stack)  # (T, L)
-        return flow_view(flow[fields], view, cfg.size, bound), pos
+        return flow_view(flow[fields], view, cfg.size), pos
     raise ValueError(f"unknown stream {stream!r}; expected 'rgb' or 'flow'")
 
 
@@ -168,8 +175,8 @@ class ViewDataset(torch.utils.data.Dataset):
     """One view's clips of one stream from a store, one item per video.
 
     Items are exactly `data.clips.ClipDataset`'s: {"video_id": str, "label": float32 tensor (),
-    "clip": float32 tensor (T, C, H, W), "index": int64 tensor (T,)}; view 0 gives the same clip
-    as an evaluation `ClipDataset`. Only the frames a clip needs are read; the store opens lazily
+    "clip": (T, C, H, W) uint8 RGB or float16 flow in px, "bound": float32 tensor () (flow only),
+    "index": int64 tensor (T,)}; view 0 gives the same clip as an evaluation `ClipDataset`. Only the frames a clip needs are read; the store opens lazily
     in each process.
     """
 
@@ -196,13 +203,16 @@ class ViewDataset(torch.utils.data.Dataset):
             fields = stack_fields(pos, n - 1, self.cfg.flow_stack)  # (T, L)
             flow = self.store.flow(video_id, fields.reshape(-1))  # (T*L, H, W, 2)
             flow = flow.reshape(*fields.shape, *flow.shape[1:])  # (T, L, H, W, 2)
-            clip = flow_view(flow, self.view, self.cfg.size, store_flow_bound(self.store, video_id))
-        return {
+            clip = flow_view(flow, self.view, self.cfg.size)
+        item = {
             "video_id": video_id,
             "label": torch.tensor(float(self.store.label(video_id)), dtype=torch.float32),
             "clip": clip,
             "index": torch.from_numpy(pos.astype(np.int64)),
         }
+        if self.stream == "flow":
+            item["bound"] = torch.tensor(store_flow_bound(self.store, video_id), dtype=torch.float32)
+        return item
 
 
 def predict_views(
@@ -215,7 +225,7 @@ def predict_views(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Run `forward` (clips (N, T, C, H, W) -> logits (N,)) over every view of every video.
+    """Run `forward` (normalised clips (N, T, C, H, W) -> logits (N,)) over every view of every video.
 
     Returns per-row video ids, labels, logits and view numbers (V x N rows, view-major), the
     layout `fusion.predictions.write_predictions` writes with its view column.
@@ -229,7 +239,7 @@ def predict_views(
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
         with torch.inference_mode():
             for batch in loader:
-                out = forward(batch["clip"].to(device))  # (B,)
+                out = forward(clip_inputs(batch, device))  # (B,)
                 ids.extend(batch["video_id"])
                 labels.append(batch["label"].numpy())
                 logits.append(out.float().reshape(-1).cpu().numpy())

@@ -6,6 +6,8 @@ Every backbone maps frames (N, C, H, W) to one feature vector per frame (N, D):
     resnet50         global-average-pooled last stage                         D = 2048
     efficientnet_b4  global-average-pooled last stage                         D = 1792
     vit_b_16         class token after the final LayerNorm                    D = 768
+    hoghof           training-free HOG (RGB) / HOF + motion statistics (flow)  D = 31 / 45
+                     on a 4x4 grid (`streams.hoghof`); no weights, nothing to pretrain
 
 The CNNs take any input of at least 32x32. The ViT takes exactly `image_size` x `image_size`
 (224 by default, the size its ImageNet weights were trained at; other sizes get the position
@@ -29,6 +31,8 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 from torchvision.models.vision_transformer import interpolate_embeddings
+
+from streams.hoghof import HogHof
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,7 @@ _SPECS = {
     "vit_b_16": _Spec(tvm.vit_b_16, tvm.ViT_B_16_Weights.IMAGENET1K_V1, 768, "conv_proj", ("heads.",), _strip_vit),
 }
 BACKBONE_DIMS = {name: spec.out_dim for name, spec in _SPECS.items()}
+HOGHOF = "hoghof"  # the hand-crafted encoder; its width depends on the stream, so it is not in BACKBONE_DIMS
 
 
 class Backbone(nn.Module):
@@ -137,6 +142,11 @@ def build_backbone(
     accept torchvision checkpoints and state dicts saved from a `Backbone` or a model holding one
     as `.backbone`. `image_size` only matters for vit_b_16.
     """
+    if name == HOGHOF:
+        if pretrained or weights_path is not None:
+            raise ValueError("the hoghof backbone has no weights; drop --pretrained / weights_path")
+        encoder = HogHof(in_channels)
+        return Backbone(encoder, encoder.out_dim, in_channels, name, min_size=encoder.grid)
     spec = _spec(name)
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
@@ -254,7 +264,7 @@ def normalize_flow(x: torch.Tensor, bound: float = 20.0) -> torch.Tensor:
 
 def _spec(name: str) -> _Spec:
     if name not in _SPECS:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(_SPECS)}")
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join([*_SPECS, HOGHOF])}")
     return _SPECS[name]
 
 

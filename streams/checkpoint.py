@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.h5files import fsync_path
+
 FORMAT = "twostream-checkpoint"
 VERSION = 1
 
@@ -79,7 +81,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     return path
 
 
@@ -106,14 +108,3 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

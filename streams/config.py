@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-BACKBONES = ("vgg19", "resnet50", "efficientnet_b4", "vit_b_16")
+BACKBONES = ("vgg19", "resnet50", "efficientnet_b4", "vit_b_16", "hoghof")
 HEADS = ("bilstm_attention", "gru_attention", "conv1d_lstm", "transformer")
 LOSSES = ("focal", "bce")
 OPTIMIZERS = ("adamw", "adam")

@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data.augment import AugmentConfig
-from data.clips import ClipConfig, ClipDataset
+from data.clips import ClipConfig, ClipDataset, clip_inputs
 from data.store import Store
 from flow.devices import resolve_device
 from streams.backbones import build_backbone
@@ -147,7 +147,7 @@ def cache_features(
         on_progress(finished, len(ids))
     with torch.inference_mode():
         for batch in loader:
-            clips = batch["clip"].to(dev, non_blocking=True)  # (B, T, C, H, W)
+            clips = clip_inputs(batch, dev)  # (B, T, C, H, W) float32, normalised on the device
             b, t = clips.shape[:2]
             with autocast:
                 feats = net(clips.flatten(0, 1))  # (B*T, D)

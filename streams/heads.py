@@ -14,10 +14,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from streams.config import HEADS, ModelConfig
+from streams.fused_lstm import current_projection_dtype
 
 
 def check_mask(mask: torch.Tensor | None, n: int, t: int) -> torch.Tensor | None:
@@ -44,6 +46,29 @@ def attention_pool(h: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor | N
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=1)  # (N, T)
     return torch.einsum("nt,nte->ne", weights, h)
+
+
+def self_attention(h: torch.Tensor, attn: nn.MultiheadAttention, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`attn(h, h, h)` of a batch-first nn.MultiheadAttention, written out (Vaswani et al. 2017, sec. 3.2.2).
+
+    Same parameters and results as the module, with its input and output projections in the
+    projection dtype when one is set (`streams.fused_lstm.projection_dtype`) and the attention
+    itself in h's dtype. Shape: h (N, T, E), mask (N, T) bool (True = valid step) -> (N, T, E).
+    """
+    if not attn.batch_first or not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
+        return attn(h, h, h, key_padding_mask=None if mask is None else ~mask, need_weights=False)[0]
+    n, t, e = h.shape
+    heads = attn.num_heads
+    dtype = current_projection_dtype() or h.dtype
+
+    def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).to(h.dtype)
+
+    qkv = project(h, attn.in_proj_weight, attn.in_proj_bias).view(n, t, 3, heads, e // heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (N, heads, T, E / heads) each
+    keep = None if mask is None else mask[:, None, None, :]  # every query sees the valid keys only
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=attn.dropout if attn.training else 0.0)
+    return project(a.transpose(1, 2).reshape(n, t, e), attn.out_proj.weight, attn.out_proj.bias)
 
 
 def sinusoidal_positions(t: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -113,9 +138,7 @@ class RecurrentAttentionHead(TemporalHead):
 
     def encode(self, x, mask, lengths):
         h = _run_rnn(self.rnn, x, lengths)  # (N, T, 2H)
-        pad = None if mask is None else ~mask
-        a = self.attn(h, h, h, key_padding_mask=pad, need_weights=False)[0]
-        return self.norm(h + a)
+        return self.norm(h + self_attention(h, self.attn, mask))
 
 
 class ConvLSTMHead(TemporalHead):

@@ -341,7 +341,7 @@ def load_stream_model(stream_dir: str | Path, which: str = "best", device: str |
     ckpt = run.load_checkpoint(which)
     model = build_model(cfg, run.stream)
     if ckpt.get("module") == "head":
-        if not cfg.model.pretrained and cfg.model.weights_path is None:
+        if not cfg.model.pretrained and cfg.model.weights_path is None and cfg.model.backbone != "hoghof":  # hoghof: no weights
             log.warning("%s: the backbone has no pretrained weights; it matches the cached features only "
                         "when the training run cached them itself", stream_dir)
         model.head.load_state_dict(ckpt["model"])

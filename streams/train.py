@@ -6,9 +6,10 @@ dict holding "features" (N, T, D) or "clip" (N, T, C, H, W), "label" (N,) and "v
 
 Stage 1 is cheap per clip, so the input pipeline decides its speed: `FeatureBank` holds every
 cached view in memory (float16) and cuts whole batches with one `index_select`, with no per-item
-Dataset call or collation. On CPU the head's LSTMs run through `use_fused_lstm`: the input
-projection of all time steps and both directions is one matrix product, and only the small
-recurrent product is left in the time loop.
+Dataset call or collation. On CPU the head's LSTMs run through `use_fused_lstm` (streams/fused_lstm.py):
+the input projection of all time steps and both directions is one matrix product, in bfloat16
+where the CPU has it natively (`resolve_precision`), and the recurrence is one hand-written
+autograd function.
 
 Epoch order is a pure function of (seed, epoch), the same in every DDP process, so a resumed run
 sees the batches an uninterrupted one would, and under DDP each process takes its
@@ -28,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DistributedSampler, Sampler, WeightedRandomSampler
 
 from streams.checkpoint import rng_state, set_rng_state
 from streams.config import OptimConfig, from_dict, to_dict
+from streams.fused_lstm import projection_dtype, use_fused_lstm  # noqa: F401 - use_fused_lstm re-exported
 from streams.schedule import WarmupCosine
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ class TrainConfig:
     metric: str = "accuracy"  # val metric for early stopping and best.pt: accuracy, f1 (macro), auc or loss
     sampler: str = "weighted"  # "weighted": oversample the minority class to minority_share; "shuffle": plain
     minority_share: float = 0.4  # weighted: the minority class's share of each epoch's draws (0.5 = balanced)
-    amp: str = "auto"  # auto: bf16 on CUDA when supported, else fp16 with loss scaling; none on CPU
+    amp: str = "auto"  # auto: CUDA bf16 if supported, else fp16 + loss scaling; CPU: bf16 head projections if native
     seed: int = 0  # seeds weights, epoch order, augmentation and view draws
     num_workers: int = 2  # DataLoader processes reading clips in stage 2 (stage 1 reads from memory)
     threads: int = 0  # torch CPU threads per process; 0 = torch's default
@@ -142,23 +143,49 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass(frozen=True)
 class Precision:
-    """Autocast dtype (None = full float32) and whether fp16 loss scaling is on."""
+    """Reduced-precision dtype (None = full float32), whether fp16 loss scaling is on, and how far it reaches.
+
+    `projections_only`: only the large projections of the recurrent heads run in `dtype` (the
+    fused LSTMs' input products and the attention's input/output products, see
+    `streams.fused_lstm.projection_dtype`), everything else in float32. On a CPU those products are
+    most of a head's work and take about half the time in bfloat16, while the small ops around them
+    (recurrence, attention weights, norms) gain nothing and the casts between them cost time.
+    """
 
     dtype: torch.dtype | None = None
     scale_loss: bool = False
+    projections_only: bool = False
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self.dtype is None:
             return contextlib.nullcontext()
+        if self.projections_only:
+            return projection_dtype(self.dtype)
         return torch.autocast(device.type, dtype=self.dtype)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), where its products beat float32."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and bool(check()) for check in checks)
+
+
 def resolve_precision(mode: str, device: torch.device) -> Precision:
-    """`TrainConfig.amp` on `device`: fp16 scales the loss on CUDA only; "auto" keeps CPUs in float32."""
+    """`TrainConfig.amp` on `device`.
+
+    "auto": bf16 on CUDA when supported, else fp16 with loss scaling; on a CPU with native bfloat16,
+    bf16 for the recurrent heads' large projections only (`Precision.projections_only`); float32 on
+    other CPUs. "bf16"/"fp16" autocast
+    the whole forward anywhere (fp16 scales the loss on CUDA only); "off" is float32.
+    """
     if mode not in AMP_MODES:
         raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {mode!r}")
     cuda = device.type == "cuda"
-    if mode == "off" or (mode == "auto" and not cuda):
+    if mode == "off":
+        return Precision()
+    if mode == "auto" and not cuda:
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return Precision(torch.bfloat16, projections_only=True)
         return Precision()
     if mode == "auto":
         mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -267,70 +294,6 @@ class FeatureBank:
             }
 
 
-# --- fused LSTM for CPUs ------------------------------------------------------------------------
-
-
-class _FusedLSTM(nn.LSTM):
-    """nn.LSTM with the input projection of all steps done as one matrix product per direction.
-
-    Same parameters, state-dict keys and results (to float rounding) as nn.LSTM; packed
-    sequences, initial states and projections fall back to nn.LSTM. Each step computes
-    (Hochreiter & Schmidhuber 1997, with forget gate): i, f, g, o = split(W_ih x_t + b_ih + W_hh h + b_hh);
-    c = sigma(f) c + sigma(i) tanh(g); h = sigma(o) tanh(c), both directions in one batched product.
-    """
-
-    def forward(self, input, hx=None):  # noqa: A002 - nn.LSTM's own argument name
-        if not isinstance(input, torch.Tensor) or hx is not None or not self.batch_first or self.proj_size:
-            return super().forward(input, hx)
-        x = input  # (N, T, D)
-        n, t = x.shape[:2]
-        hidden = self.hidden_size
-        suffixes = ("", "_reverse") if self.bidirectional else ("",)
-        h_last, c_last = [], []
-        for layer in range(self.num_layers):
-            names = [f"_l{layer}{s}" for s in suffixes]
-            gates_in = []
-            for d, s in enumerate(names):
-                bias = getattr(self, "bias_ih" + s) + getattr(self, "bias_hh" + s) if self.bias else None
-                g = F.linear(x, getattr(self, "weight_ih" + s), bias).transpose(0, 1)  # (T, N, 4H)
-                gates_in.append(g.flip(0) if d == 1 else g)  # the reverse direction walks time backwards
-            gates_in = torch.stack(gates_in, 1)  # (T, dirs, N, 4H): each step's slice is contiguous
-            w_hh = torch.stack([getattr(self, "weight_hh" + s) for s in names]).transpose(1, 2)  # (dirs, H, 4H)
-            h = x.new_zeros(len(names), n, hidden)
-            c = x.new_zeros(len(names), n, hidden)
-            outs = []
-            for g_t in gates_in.unbind(0):  # unbind, not indexing: one gradient copy instead of T
-                gates = torch.baddbmm(g_t, h, w_hh)  # (dirs, N, 4H) in PyTorch's order i, f, g, o
-                i, f, _, o = torch.sigmoid(gates).chunk(4, -1)  # one sigmoid for the three gates
-                c = f * c + i * torch.tanh(gates[..., 2 * hidden : 3 * hidden])
-                h = o * torch.tanh(c)
-                outs.append(h)
-            out = torch.stack(outs)  # (T, dirs, N, H)
-            out = torch.cat([out[:, 0], out[:, 1].flip(0)], -1) if len(names) == 2 else out[:, 0]  # (T, N, dirs*H)
-            x = out.transpose(0, 1)  # (N, T, dirs*H)
-            h_last.append(h)
-            c_last.append(c)
-            if self.dropout and self.training and layer < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, training=True)
-        return x, (torch.cat(h_last), torch.cat(c_last))
-
-
-def use_fused_lstm(module: nn.Module, enabled: bool = True) -> int:
-    """Switch every nn.LSTM inside `module` to the fused CPU forward (or back); returns how many.
-
-    Only the forward changes: parameters, state dicts and optimiser references stay as they are.
-    """
-    count = 0
-    for m in module.modules():
-        if enabled and type(m) is nn.LSTM:
-            m.__class__ = _FusedLSTM
-            count += 1
-        elif not enabled and type(m) is _FusedLSTM:
-            m.__class__ = nn.LSTM
-            count += 1
-    return count
-
-
 # --- one epoch, evaluation ----------------------------------------------------------------------
 
 
@@ -339,8 +302,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _inputs(batch: dict, device: torch.device) -> torch.Tensor:
-    x = batch["features"] if "features" in batch else batch["clip"]
-    return x.to(device, non_blocking=True).float()  # float16 features travel at half the bytes
+    """A batch's model input on `device`: its cached features, or its clips normalised there."""
+    if "features" in batch:
+        return batch["features"].to(device, non_blocking=True).float()  # float16 features travel at half the bytes
+    # Clips travel as uint8 (RGB) / float16 (flow) and are normalised on the device.
+    from data.clips import clip_inputs
+
+    return clip_inputs(batch, device)
 
 
 def _dist() -> tuple[int, int]:

@@ -10,14 +10,16 @@ from data.augment import AugmentConfig
 from data.clips import (
     ClipConfig,
     ClipDataset,
+    clip_inputs,
     crop_positions,
+    normalize_clip,
     read_rows,
     stack_fields,
     uniform_positions,
     video_ids_for_split,
 )
 from data.store import Store, StoreWriter
-from streams.backbones import normalize_rgb
+from streams.backbones import normalize_flow, normalize_rgb
 
 BOUND = 20.0
 SIDE = 32
@@ -69,9 +71,14 @@ def store(tmp_path_factory) -> Path:
 
 
 def _item(store, video_id, stream, **kw):
+    """The dataset's item with its network input (the normalised clip) added as "input"."""
     cfg = kw.pop("cfg", ClipConfig(steps=8, flow_stack=3))
-    ds = ClipDataset(store, [video_id], stream, cfg, **kw)
-    return ds[0]
+    item = ClipDataset(store, [video_id], stream, cfg, **kw)[0]
+    return {**item, "input": _input(item, stream)}
+
+
+def _input(item: dict, stream: str) -> torch.Tensor:
+    return normalize_clip(item["clip"], stream, item.get("bound"))
 
 
 def _left_right(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,25 +135,32 @@ class TestItems:
     @pytest.mark.parametrize("size", [None, 16])
     def test_keys_shapes_dtypes(self, store, stream, channels, size):
         item = _item(store, "long", stream, cfg=ClipConfig(steps=8, flow_stack=3, size=size))
-        assert set(item) == {"video_id", "label", "clip", "index"}
+        keys = {"video_id", "label", "clip", "index", "input"}
+        assert set(item) == (keys | {"bound"} if stream == "flow" else keys)
         assert item["video_id"] == "long"
         assert item["label"].dtype == torch.float32 and item["label"].shape == () and item["label"].item() == 1.0
         side = size or SIDE
-        assert item["clip"].dtype == torch.float32 and item["clip"].shape == (8, channels, side, side)
+        dtype = torch.uint8 if stream == "rgb" else torch.float16
+        assert item["clip"].dtype == dtype and item["clip"].shape == (8, channels, side, side)
+        assert item["clip"].is_contiguous()
+        assert item["input"].dtype == torch.float32 and item["input"].shape == (8, channels, side, side)
         assert item["index"].dtype == torch.int64 and item["index"].shape == (8,)
+        if stream == "flow":
+            assert item["bound"].dtype == torch.float32 and item["bound"].item() == BOUND
 
     def test_rgb_eval_is_uniform_and_holds_those_frames(self, store):
         item = _item(store, "long", "rgb", cfg=ClipConfig(steps=16))
         assert item["index"].tolist() == list(range(0, 31, 2))
         rgb, _ = video_arrays(31, 1)
-        expected = normalize_rgb(torch.from_numpy(rgb[item["index"].numpy()]))
-        torch.testing.assert_close(item["clip"], expected)
+        frames = torch.from_numpy(rgb[item["index"].numpy()])  # (T, H, W, 3)
+        assert torch.equal(item["clip"], frames.permute(0, 3, 1, 2))
+        assert torch.equal(item["input"], normalize_rgb(frames))
 
     def test_flow_steps_stack_l_consecutive_fields(self, store):
         item = _item(store, "long", "flow", cfg=ClipConfig(steps=4, flow_stack=3))
         # 30 fields, stacks of 3: starts spread over 0..27.
         assert item["index"].tolist() == [0, 9, 18, 27]
-        clip = item["clip"]  # (T, 2L, H, W): dx_1, dy_1, dx_2, ...
+        clip = item["input"]  # (T, 2L, H, W): dx_1, dy_1, dx_2, ...
         for t, start in enumerate(item["index"].tolist()):
             for j in range(3):
                 field = start + j
@@ -160,19 +174,19 @@ class TestItems:
         torch.testing.assert_close(rgb["clip"][5], rgb["clip"][4])
         flow = _item(store, "odd", "flow")  # 4 fields, stacks of 3: two whole stacks, then repeats
         assert flow["index"].tolist() == [0, 1, 1, 1, 1, 1, 1, 1]
-        dx_last = flow["clip"][1, 4, 0, 0].item() * BOUND  # third field of the stack at 1 = field 3
+        dx_last = flow["input"][1, 4, 0, 0].item() * BOUND  # third field of the stack at 1 = field 3
         assert dx_last == pytest.approx(2.0)
 
     def test_two_frame_video_repeats_its_only_field(self, store):
         flow = _item(store, "pair", "flow", cfg=ClipConfig(steps=5, flow_stack=5))
         assert flow["index"].tolist() == [0] * 5
-        assert torch.allclose(flow["clip"][:, 0::2, 0, 0], torch.full((5, 5), 0.5 / BOUND))
+        assert torch.allclose(flow["input"][:, 0::2, 0, 0], torch.full((5, 5), 0.5 / BOUND))
 
     def test_resize_scales_flow_vectors(self, store):
         item = _item(store, "long", "flow", cfg=ClipConfig(steps=4, flow_stack=3, size=16))
         # Halving the frame halves the motion in pixels.
-        assert item["clip"][0, 0, 0, 0].item() == pytest.approx(0.25 / BOUND)
-        assert item["clip"][0, 1, 5, 5].item() == pytest.approx(-0.125 / BOUND)
+        assert item["input"][0, 0, 0, 0].item() == pytest.approx(0.25 / BOUND)
+        assert item["input"][0, 1, 5, 5].item() == pytest.approx(-0.125 / BOUND)
 
     def test_bad_arguments(self, store):
         with pytest.raises(ValueError, match="stream"):
@@ -212,7 +226,7 @@ class TestTraining:
         ds = ClipDataset(store, ["long"], "flow", ClipConfig(steps=4, flow_stack=1, train=True), fast)
         item = ds[0]
         fields = item["index"].numpy()
-        assert item["clip"][:, 0, 0, 0].numpy() * BOUND == pytest.approx(1.25 * 0.5 * (fields + 1), rel=1e-4)
+        assert _input(item, "flow")[:, 0, 0, 0].numpy() * BOUND == pytest.approx(1.25 * 0.5 * (fields + 1), rel=1e-4)
 
 
 class TestViewsAndAugmentation:
@@ -231,8 +245,8 @@ class TestViewsAndAugmentation:
     @pytest.mark.parametrize("mode", ["view", "train"])
     def test_flip_mirrors_frames_and_negates_dx(self, store, mode):
         cfg = ClipConfig(steps=4, flow_stack=2, train=mode == "train")
-        rgb = _item(store, "long", "rgb", cfg=cfg, augment=FLIP, view=1)["clip"]
-        flow = _item(store, "long", "flow", cfg=cfg, augment=FLIP, view=1)["clip"]
+        rgb = _item(store, "long", "rgb", cfg=cfg, augment=FLIP, view=1)["input"]
+        flow = _item(store, "long", "flow", cfg=cfg, augment=FLIP, view=1)["input"]
         red_left, red_right = _left_right(rgb[:, 0])
         assert torch.all(red_right > red_left)  # the bright half moved to the right
         dx_left, dx_right = _left_right(flow[:, 0::2])
@@ -244,8 +258,9 @@ class TestViewsAndAugmentation:
         aug = AugmentConfig(**{**FLIP.to_dict(), "hflip_p": 0.5})
         flips = []
         for seed in range(12):
-            rgb = ClipDataset(store, ["long"], "rgb", ClipConfig(steps=4, train=True), aug, seed=seed)[0]["clip"]
-            flow = ClipDataset(store, ["long"], "flow", ClipConfig(steps=4, train=True), aug, seed=seed)[0]["clip"]
+            rgb = _input(ClipDataset(store, ["long"], "rgb", ClipConfig(steps=4, train=True), aug, seed=seed)[0], "rgb")
+            flow = _input(ClipDataset(store, ["long"], "flow", ClipConfig(steps=4, train=True), aug, seed=seed)[0],
+                          "flow")
             rgb_flipped = bool(_left_right(rgb[:, 0])[1].mean() > _left_right(rgb[:, 0])[0].mean())
             flow_flipped = bool(_left_right(flow[:, 0])[1].mean() < 0)
             assert rgb_flipped == flow_flipped
@@ -256,7 +271,89 @@ class TestViewsAndAugmentation:
         cfg = ClipConfig(steps=6, flow_stack=5, size=24, train=True)
         for stream, c in (("rgb", 3), ("flow", 10)):
             item = ClipDataset(store, list(VIDEOS), stream, cfg, AugmentConfig(), seed=1)[1]
-            assert item["clip"].shape == (6, c, 24, 24) and torch.isfinite(item["clip"]).all()
+            assert item["clip"].shape == (6, c, 24, 24) and torch.isfinite(_input(item, stream)).all()
+
+
+class TestNormalisation:
+    """Loader clips normalised on the device give what the dataset returned as float32 clips."""
+
+    @staticmethod
+    def _float32_clip(monkeypatch, ds: ClipDataset) -> torch.Tensor:
+        """The item's clip computed in float32 throughout: the dataset as it was before float16 flow."""
+        import data.clips
+
+        keep = data.clips.channels_first
+        monkeypatch.setattr(data.clips, "channels_first", lambda x, dtype=None: keep(x))
+        try:
+            return ds[0]["clip"]
+        finally:
+            monkeypatch.setattr(data.clips, "channels_first", keep)
+
+    @pytest.mark.parametrize("size", [None, 24])
+    def test_rgb_is_bit_identical_to_normalize_rgb_of_the_augmented_frames(self, store, size, monkeypatch):
+        for cfg, augment, view in ((ClipConfig(steps=8, size=size), None, 0),
+                                   (ClipConfig(steps=8, size=size, train=True), AugmentConfig(), 0),
+                                   (ClipConfig(steps=8, size=size), AugmentConfig(), 2)):
+            ds = ClipDataset(store, ["long"], "rgb", cfg, augment, seed=3, view=view)
+            clip = ds[0]["clip"]  # (T, 3, H, W) uint8
+            assert clip.dtype == torch.uint8
+            expected = normalize_rgb(clip.permute(0, 2, 3, 1))  # what the dataset returned before
+            assert torch.equal(normalize_clip(clip, "rgb"), expected)
+
+    def test_flow_eval_is_bit_identical(self, store):
+        item = _item(store, "long", "flow", cfg=ClipConfig(steps=4, flow_stack=3))
+        _, flow = video_arrays(31, 1)
+        fields = stack_fields(item["index"].numpy(), 30, 3)  # (T, L)
+        expected = normalize_flow(torch.from_numpy(flow[fields]), BOUND)  # (T, 2L, H, W)
+        assert torch.equal(item["input"], expected)
+
+    @pytest.mark.parametrize("size", [None, 24])
+    def test_augmented_flow_is_within_float16_rounding(self, store, size, monkeypatch):
+        ds = ClipDataset(store, ["long"], "flow", ClipConfig(steps=6, flow_stack=3, size=size, train=True),
+                         AugmentConfig(rotation_deg=30.0), seed=5)
+        item = ds[0]
+        reference = normalize_flow(self._float32_clip(monkeypatch, ds).unflatten(1, (3, 2)).movedim(2, -1), BOUND)
+        ours = normalize_clip(item["clip"], "flow", item["bound"])
+        assert not torch.equal(item["clip"].float(), self._float32_clip(monkeypatch, ds))  # rounding did happen
+        torch.testing.assert_close(ours, reference, rtol=0.0, atol=2.0**-11)
+
+    def test_a_batch_takes_one_bound_per_clip(self):
+        clip = torch.full((2, 1, 2, 3, 3), 10.0, dtype=torch.float16)  # (B, T, 2L, H, W) px
+        out = normalize_clip(clip, "flow", torch.tensor([20.0, 5.0]))
+        assert out.dtype == torch.float32
+        assert torch.all(out[0] == 0.5) and torch.all(out[1] == 1.0)  # 10 / 5 clipped to 1
+
+    def test_rgb_known_values(self):
+        clip = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
+        clip[:, 0] = 255
+        out = normalize_clip(clip, "rgb")
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        expected = [(1 - mean[0]) / std[0], -mean[1] / std[1], -mean[2] / std[2]]
+        for c in range(3):
+            assert out[0, c].flatten().tolist() == pytest.approx([expected[c]] * 4, rel=1e-6)
+
+    @pytest.mark.parametrize("clip, stream, bound, match", [
+        (torch.zeros(2, 4, 4, 4, dtype=torch.uint8), "rgb", None, "3 channels"),
+        (torch.zeros(2, 2, 4, 4), "flow", None, "bound"),
+        (torch.zeros(2, 2, 4, 4), "flow", 0.0, "bound must be > 0"),
+        (torch.zeros(3, 2, 2, 4, 4), "flow", torch.ones(2), "one bound per clip"),
+        (torch.zeros(3, 4, 4), "rgb", None, r"\(\.\.\., T, C, H, W\)"),
+        (torch.zeros(2, 3, 4, 4), "depth", None, "unknown stream"),
+    ])
+    def test_bad_input(self, clip, stream, bound, match):
+        with pytest.raises(ValueError, match=match):
+            normalize_clip(clip, stream, bound)
+
+    @pytest.mark.parametrize("stream", ["rgb", "flow"])
+    def test_clip_inputs_of_a_loader_batch(self, store, stream):
+        ds = ClipDataset(store, list(VIDEOS), stream, ClipConfig(steps=4, flow_stack=2))
+        batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
+        x = clip_inputs(batch, "cpu")  # (B, T, C, H, W)
+        assert x.dtype == torch.float32 and x.shape == (3, 4, ds.cfg.channels(stream), SIDE, SIDE)
+        for j in range(3):
+            assert torch.equal(x[j], _input(ds[j], stream))
+        already = {"clip": x}  # float clips without a bound pass through as network input
+        assert torch.equal(clip_inputs(already, "cpu"), x)
 
 
 def _open_fds_to(path: Path) -> int:

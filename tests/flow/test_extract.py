@@ -95,7 +95,7 @@ def test_broken_videos_are_skipped_and_recorded(tmp_path, rows):
 
 
 def test_shards_are_disjoint_and_cover_everything(tmp_path, rows):
-    from data.store import merge
+    from data.shards import merge
 
     parts = []
     for i in range(2):

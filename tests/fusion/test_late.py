@@ -35,10 +35,11 @@ def _accuracy(pred, logits, threshold):
     return float(((expit(logits) >= threshold) == pred.labels).mean())
 
 
-def _perfect_and_noise(n, seed):
+def _perfect_and_noise(n, seed, scale=6.0):
+    """RGB separates the classes perfectly with logits of about +-scale; flow is noise."""
     rng = np.random.default_rng(seed)
     y = (rng.random(n) < 0.78).astype(int)
-    rgb = np.where(y == 1, 1.0, -1.0) * (6 + np.abs(rng.normal(0, 1, n)))
+    rgb = np.where(y == 1, 1.0, -1.0) * scale * (1 + np.abs(rng.normal(0, 1, n)) / 6)
     flow = rng.normal(0, 1, n)
     ids = _ids(n)
     return {"rgb": Predictions(ids, y, rgb), "flow": Predictions(ids, y, flow)}
@@ -79,6 +80,37 @@ class TestLearnedFusion:
     def test_small_validation_uses_default_strength(self):
         model = fit_fusion(_logistic_streams(30, seed=6), FusionConfig(default_c=0.5))
         assert model.cv_folds == 0 and model.c == 0.5
+
+    def test_small_validation_judges_the_layer_leave_one_out(self):
+        # 10 videos: the layer fits them perfectly in-sample, with a lower log-loss than RGB's own
+        # small logits, so only held-out scoring shows that the noise stream adds nothing.
+        val = _perfect_and_noise(10, seed=11, scale=0.3)
+        assert min(val["rgb"].labels.sum(), 10 - val["rgb"].labels.sum()) >= 2
+        model = fit_fusion(val)
+        assert model.cv_folds == 0
+        assert model.method == "single" and model.selected == "rgb"
+        assert "leave-one-out" in model.fallback_reason
+        assert {"calibrated_log_loss"} <= set(model.validation["learned"]) & set(model.validation["rgb"])
+
+    def test_small_validation_keeps_a_layer_that_helps(self):
+        val = _logistic_streams(36, seed=12, w_rgb=3.0, w_flow=3.0, bias=0.0)
+        model = fit_fusion(val)
+        assert model.cv_folds == 0 and model.method == "learned"
+        scores = model.validation
+        assert scores["learned"]["calibrated_log_loss"] < min(
+            scores["rgb"]["calibrated_log_loss"], scores["flow"]["calibrated_log_loss"]
+        )
+
+    def test_one_minority_video_keeps_the_best_stream(self):
+        ids = _ids(6)
+        y = np.array([1, 1, 1, 1, 1, 0])
+        val = {
+            "rgb": Predictions(ids, y, np.array([2.0, 1.0, 3.0, 0.5, 1.5, -1.0])),
+            "flow": Predictions(ids, y, np.array([0.1, -0.3, 0.2, 0.4, 0.0, 0.3])),
+        }
+        model = fit_fusion(val)
+        assert model.method == "single" and model.selected == "rgb"
+        assert "cannot be judged" in model.fallback_reason and "learned" not in model.validation
 
     def test_threshold_follows_goal(self):
         val = _logistic_streams(800, seed=7)

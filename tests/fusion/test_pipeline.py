@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.special import expit
 
-from data.clips import ClipConfig, ClipDataset
+from data.clips import ClipConfig, ClipDataset, clip_inputs
 from data.store import StoreWriter
 from fusion.ensemble import load_ensemble
 from fusion.late import load_fusion
@@ -171,7 +171,8 @@ def trained(tmp_path_factory):
         for split, vids in ids.items():
             ds = ClipDataset(store, vids, stream, clip)
             with torch.inference_mode():
-                feats = model.forward_features(torch.stack([ds[i]["clip"] for i in range(len(ds))]))
+                clips = clip_inputs(torch.utils.data.default_collate([ds[i] for i in range(len(ds))]), "cpu")
+                feats = model.forward_features(clips)
                 logits = model.forward_head(feats.half().float()).numpy()  # as from the float16 cache
             rd.write_predictions(split, vids, [i % 2 for i in range(len(vids))], logits)
     return run, store, cfg

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.clips import ClipConfig, ClipDataset, uniform_positions
+from data.clips import ClipConfig, ClipDataset, normalize_clip, uniform_positions
 from data.store import Store, StoreWriter
 from fusion.tta import (
     MAX_VIEWS,
@@ -79,6 +79,11 @@ class TestViews:
         assert shifted.tolist() == [5, 13, 22, 30]  # span 5..30, cut at the end
 
 
+def _input(item: dict) -> torch.Tensor:
+    """A flow item's clip as network input."""
+    return normalize_clip(item["clip"], "flow", item["bound"])
+
+
 class TestClips:
     @pytest.mark.parametrize("stream", ["rgb", "flow"])
     @pytest.mark.parametrize("size", [None, 24])
@@ -94,8 +99,8 @@ class TestClips:
 
     def test_flip_view_negates_dx_of_a_known_flow_clip(self, store):
         cfg = ClipConfig(steps=4, flow_stack=2)
-        plain = ViewDataset(store, ["v0"], "flow", cfg, ViewSpec())[0]["clip"]  # (T, 2L, H, W)
-        flipped = ViewDataset(store, ["v0"], "flow", cfg, ViewSpec(flip=True))[0]["clip"]
+        plain = _input(ViewDataset(store, ["v0"], "flow", cfg, ViewSpec())[0])  # (T, 2L, H, W)
+        flipped = _input(ViewDataset(store, ["v0"], "flow", cfg, ViewSpec(flip=True))[0])
         dx, dy = slice(0, None, 2), slice(1, None, 2)
         left, right = slice(0, SIDE // 2 - 1), slice(SIDE // 2 + 1, SIDE)
         # Plain: +4/20 on the left, 0 on the right. Flipped: the motion sits on the right, pointing left.
@@ -114,7 +119,7 @@ class TestClips:
     def test_centre_crop_scales_flow_vectors(self, store):
         cfg = ClipConfig(steps=3, flow_stack=1)
         view = tta_views(9)[8]  # first centre crop, zoom 8/7
-        crop = ViewDataset(store, ["v0"], "flow", cfg, view)[0]["clip"]
+        crop = _input(ViewDataset(store, ["v0"], "flow", cfg, view)[0])
         # dy = -1 px everywhere becomes -8/7 px once the crop is resized back (centre pixels).
         centre = crop[:, 1, SIDE // 2 - 4 : SIDE // 2 + 4, SIDE // 2 - 4 : SIDE // 2 + 4]
         assert torch.allclose(centre, torch.tensor(-8 / 7 / BOUND), atol=1e-4)
@@ -125,7 +130,7 @@ class TestClips:
         view = ViewSpec(phase=0.5, flip=True)
         s = Store(store)
         frames, flow = s.rgb("v2"), s.flow("v2")
-        clip, pos = clip_from_arrays(stream, frames, flow, cfg, view, BOUND)
+        clip, pos = clip_from_arrays(stream, frames, flow, cfg, view)
         item = ViewDataset(store, ["v2"], stream, cfg, view)[0]
         torch.testing.assert_close(clip, item["clip"])
         assert np.array_equal(pos, item["index"].numpy())

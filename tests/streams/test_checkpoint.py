@@ -80,8 +80,10 @@ class _Kill(Exception):
     pass
 
 
-def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+@pytest.mark.parametrize("native_bf16", [False, True])  # amp "auto": float32, or bfloat16 projections
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, native_bf16):
     # Dropout, a weighted sampler and random view draws all consume randomness: resuming must restore it.
+    monkeypatch.setattr("streams.train.cpu_has_native_bf16", lambda: native_bf16)
     store = make_data(tmp_path / "data", n=24, streams=("rgb",), views=3)
     cfg = replace(tiny_config(epochs=5, sampler="weighted", batch_size=4),
                   model=replace(TINY, dropout=0.3))

@@ -6,7 +6,7 @@ from torch import nn
 
 import streams.features as features_mod
 from data.augment import AugmentConfig
-from data.clips import ClipConfig, ClipDataset
+from data.clips import ClipConfig, ClipDataset, normalize_clip
 from streams.backbones import Backbone
 from streams.features import FeatureDataset, cache_features, features_path, minority_label
 from tests.data.test_clips import make_store
@@ -84,7 +84,7 @@ def test_view_features_are_the_backbone_on_clip_views(store, builds, stream):
         index = f["videos"]["a"]["index"][:]
     for view in range(3):
         item = ClipDataset(store, ["a"], stream, CFG, AugmentConfig(), seed=4, view=view)[0]
-        expected = item["clip"].mean(dim=(-2, -1))  # (T, C): what the mean backbone returns
+        expected = normalize_clip(item["clip"], stream, item.get("bound")).mean(dim=(-2, -1))  # (T, C): the mean backbone
         np.testing.assert_allclose(feats[view], expected.numpy(), rtol=2e-3, atol=2e-3)
         assert index[view].tolist() == item["index"].tolist()
     # View 0 is the plain uniform clip: 9 frames, or 7 whole stacks of 2 of the 8 fields.

@@ -10,7 +10,7 @@ from torch import nn
 
 import streams.features as features_mod
 import streams.model as model_mod
-from data.clips import ClipConfig, ClipDataset
+from data.clips import ClipConfig, ClipDataset, clip_inputs
 from fusion.predictions import load_split
 from streams.backbones import Backbone
 from streams.checkpoint import load_checkpoint
@@ -45,7 +45,8 @@ def _ddp_rank(rank: int, world: int, port: int, store: str, out: str, cfg: dict)
 def test_two_process_gloo_ddp_matches_one_process(tmp_path):
     store = make_data(tmp_path / "data", n=32, streams=("rgb",))
     # Same global batch (8) both ways; plain shuffling and no dropout, so only the split of work differs.
-    cfg = tiny_config(epochs=3, batch_size=8, sampler="shuffle")
+    # float32: bfloat16 rounds a gradient summed over 8 clips differently from two summed over 4.
+    cfg = tiny_config(epochs=3, batch_size=8, sampler="shuffle", amp="off")
     one = train_stream(store, "rgb", tmp_path / "one", cfg, "cpu")
     # fork, not spawn: the children need not import torch and the project again (seconds each).
     tmp_mp.start_processes(_ddp_rank, args=(2, _free_port(), str(store), str(tmp_path / "ddp"), cfg.to_dict()),
@@ -120,7 +121,7 @@ def test_a_stage_one_model_reloads_with_the_backbone_its_features_came_from(tmp_
     saved = load_split(run, "val")
     ds = ClipDataset(store, list(saved.video_ids), "rgb", ClipConfig(steps=3, flow_stack=1))
     with torch.inference_mode():
-        logits = model(torch.stack([ds[i]["clip"] for i in range(len(ds))])).numpy()
+        logits = model(clip_inputs(torch.utils.data.default_collate([ds[i] for i in range(len(ds))]), "cpu")).numpy()
     # The features were stored as float16, so the rebuilt model agrees to that precision.
     np.testing.assert_allclose(logits, saved.logits, atol=5e-3)
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from streams.backbones import Backbone, build_backbone
 from streams.config import HEADS, ModelConfig
-from streams.heads import attention_pool, build_head
+from streams.fused_lstm import projection_dtype
+from streams.heads import attention_pool, build_head, self_attention
 from streams.model import StreamModel, build_stream_model
 
 N, T = 2, 3
@@ -141,6 +142,49 @@ def test_forward_is_the_output_layer_on_the_embedding(heads):
     x = torch.randn(2, 4, 48)
     with torch.no_grad():
         torch.testing.assert_close(head(x), head.out(head.embed(x)).squeeze(-1))
+
+
+class TestSelfAttention:
+    """`self_attention` is nn.MultiheadAttention(h, h, h) written out; projections may run in bfloat16."""
+
+    @staticmethod
+    def _case(masked: bool):
+        torch.manual_seed(0)
+        attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        h = torch.randn(3, 5, 16)
+        mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [True] + [False] * 4]) if masked else None
+        return attn, h, mask
+
+    @pytest.mark.parametrize("masked", [False, True])
+    def test_equals_the_module_with_gradients(self, masked):
+        attn, h, mask = self._case(masked)
+        ha, hb = h.clone().requires_grad_(), h.clone().requires_grad_()
+        ref = attn(ha, ha, ha, key_padding_mask=None if mask is None else ~mask, need_weights=False)[0]
+        ref.square().sum().backward()
+        grads = [p.grad.clone() for p in attn.parameters()]
+        attn.zero_grad()
+        out = self_attention(hb, attn, mask)
+        out.square().sum().backward()
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hb.grad, ha.grad, atol=1e-5, rtol=1e-4)
+        for p, g in zip(attn.parameters(), grads, strict=True):
+            torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+
+    def test_projections_in_bf16_to_its_accuracy(self):
+        attn, h, mask = self._case(True)
+        ref = self_attention(h, attn, mask)
+        with projection_dtype(torch.bfloat16):
+            out = self_attention(h, attn, mask)
+        assert out.dtype == torch.float32 and not torch.equal(out, ref)
+        torch.testing.assert_close(out, ref, atol=3e-2, rtol=0)
+
+    def test_dropout_only_in_training(self):
+        attn, h, _ = self._case(False)
+        attn.dropout = 0.5
+        attn.eval()
+        torch.testing.assert_close(self_attention(h, attn), attn(h, h, h, need_weights=False)[0], atol=1e-5, rtol=1e-5)
+        attn.train()
+        assert not torch.allclose(self_attention(h, attn), self_attention(h, attn))
 
 
 def test_attention_pool_weights_valid_steps_only():

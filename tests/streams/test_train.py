@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from data.clips import ClipConfig
 from data.store import StoreWriter
@@ -93,7 +92,9 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained")
     store = make_data(folder, n=48, streams=("rgb",))
     events = []
-    path = train_stream(store, "rgb", folder / "run", tiny_config(epochs=8), "cpu", on_event=events.append)
+    with pytest.MonkeyPatch.context() as mp:  # amp "auto" as on a CPU with native bfloat16, on any CPU
+        mp.setattr("streams.train.cpu_has_native_bf16", lambda: True)
+        path = train_stream(store, "rgb", folder / "run", tiny_config(epochs=8), "cpu", on_event=events.append)
     return path, events
 
 
@@ -155,46 +156,30 @@ def test_config_rejects_bad_values():
 # --- precision ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("mode", "dtype", "scale"), [("auto", None, False), ("off", None, False),
-                                                      ("bf16", torch.bfloat16, False),
-                                                      ("fp16", torch.float16, False)])
-def test_precision_on_cpu(mode, dtype, scale):
+@pytest.mark.parametrize(("mode", "native", "dtype", "projections_only"), [
+    ("auto", False, None, False), ("auto", True, torch.bfloat16, True), ("off", True, None, False),
+    ("bf16", False, torch.bfloat16, False), ("bf16", True, torch.bfloat16, False), ("fp16", True, torch.float16, False),
+])
+def test_precision_on_cpu(monkeypatch, mode, native, dtype, projections_only):
+    monkeypatch.setattr("streams.train.cpu_has_native_bf16", lambda: native)
     p = resolve_precision(mode, torch.device("cpu"))
-    assert (p.dtype, p.scale_loss) == (dtype, scale)
+    assert (p.dtype, p.scale_loss, p.projections_only) == (dtype, False, projections_only)
 
 
-# --- fused LSTM ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("layers", "bidirectional"), [(1, False), (2, True), (3, True)])
-def test_fused_lstm_matches_lstm(layers, bidirectional):
-    torch.manual_seed(0)
-    ref = nn.LSTM(6, 5, layers, batch_first=True, bidirectional=bidirectional)
-    fused = nn.LSTM(6, 5, layers, batch_first=True, bidirectional=bidirectional)
-    fused.load_state_dict(ref.state_dict())
-    assert use_fused_lstm(fused) == 1
-    x = torch.randn(3, 7, 6)
-    (a, (ha, ca)), (b, (hb, cb)) = ref(x), fused(x)
-    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(hb, ha, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cb, ca, atol=1e-5, rtol=1e-5)
-    (a.square().sum() + ha.sum()).backward()
-    (b.square().sum() + hb.sum()).backward()
-    for p, q in zip(ref.parameters(), fused.parameters(), strict=True):
-        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4)
-
-
-def test_fused_lstm_keeps_state_dict_and_packed_input():
+def test_projection_precision_leaves_everything_else_in_float32():
     torch.manual_seed(0)
     head = build_head(TINY, DIM)
-    keys = list(head.state_dict())
-    assert use_fused_lstm(head) == 1
-    assert list(head.state_dict()) == keys
-    x, lengths = torch.randn(2, 5, DIM), torch.tensor([5, 3])
-    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-    out_fused = head.rnn(packed)[0].data
-    assert use_fused_lstm(head, enabled=False) == 1
-    torch.testing.assert_close(out_fused, head.rnn(packed)[0].data)
+    use_fused_lstm(head)
+    x = torch.randn(3, STEPS, DIM)
+    ref = head(x)
+    with Precision(torch.bfloat16, projections_only=True).autocast(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+        assert head.score[0](torch.randn(2, 16)).dtype == torch.float32
+        out = head(x)
+    assert out.dtype == torch.float32
+    assert not torch.equal(out, ref)  # the projection did run in bfloat16 ...
+    torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)  # ... to bfloat16's accuracy
+    torch.testing.assert_close(head(x), ref, atol=0, rtol=0)  # and only inside the block
 
 
 # --- stage-1 input ------------------------------------------------------------------------------

@@ -1,0 +1,151 @@
+"""Training-free HOG/HOF frame descriptors: the classical hand-crafted encoder of action recognition.
+
+For footage too scarce to train a CNN on and without pretrained weights, oriented-histogram
+descriptors on a coarse spatial grid are the standard baseline (Dalal & Triggs 2005, HOG; Laptev,
+Marszalek, Schmid & Rozenfeld 2008, HOG/HOF; the "violent flows" descriptors of Hassner et al.
+2012 are motion-magnitude statistics of the same kind). `HogHof` has a backbone's interface, so
+the temporal head learns on its per-step vectors exactly as on CNN features:
+
+- a flow stack (N, 2L, H, W), channels dx_1, dy_1, dx_2, dy_2, ... in units of the flow bound
+  (`normalize_flow`), gives D = bins + grid^2 + 21: the frame's HOF (mean flow magnitude per
+  pixel falling into each of `bins` signed orientations, averaged over the L fields); the mean
+  magnitude of each grid cell, sorted; a histogram of magnitudes on log-spaced edges (share of
+  pixels); mean / std / max / 90th percentile of the magnitude, spatial std of dx and dy, mean
+  |divergence| and |curl|, the mean change between consecutive fields of the stack (motion
+  irregularity; 0 when L = 1); mean dx and dy (global drift); orientation entropy.
+- an RGB frame (N, 3, H, W) (`normalize_rgb`) gives D = bins + grid^2 + 6: the frame's L2-Hys
+  normalised HOG over `bins` unsigned orientations; each grid cell's share of the gradient
+  energy, sorted; the mean and std of each channel.
+
+Nothing depends on where in the frame things happen: cells enter sorted, so the descriptors are
+unchanged when the action moves (up to cell boundaries). A classifier that sees a dozen scenes
+cannot learn where fights happen in general, and every position-tied dimension would be one more
+to overfit on.
+
+Magnitudes enter as log1p(value / unit), so features stay O(1) for motions from a tenth of a pixel
+to the bound. Everything is a pure function of batched tensors; device and dtype follow the input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MOTION_STATS = 21  # global statistics after the HOF cells: 9 magnitude bins + 12 scalars
+_MAG_EDGES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)  # magnitude histogram edges, in units of `unit`
+_HYS_CLIP = 0.2  # Dalal & Triggs' L2-Hys clipping value
+
+
+def oriented_histograms(dx: torch.Tensor, dy: torch.Tensor, grid: int, bins: int, signed: bool) -> torch.Tensor:
+    """Magnitude-weighted orientation histograms of a vector field on a grid x grid layout of cells.
+
+    Each vector votes its length into the two orientation bins nearest its angle (linear
+    interpolation, as in HOG); a cell's histogram is the mean vote per pixel. Unsigned
+    orientations fold angles onto [0, pi) (image gradients); signed ones keep [0, 2 pi) (flow).
+
+    Shape: dx, dy (N, H, W) -> (N, grid, grid, bins).
+    """
+    if dx.shape != dy.shape or dx.ndim != 3:
+        raise ValueError(f"dx and dy must both be (N, H, W), got {tuple(dx.shape)} and {tuple(dy.shape)}")
+    period = 2 * math.pi if signed else math.pi
+    magnitude = torch.hypot(dx, dy)  # (N, H, W)
+    angle = torch.remainder(torch.atan2(dy, dx), period)
+    position = angle * (bins / period) - 0.5  # bin centres at (k + 0.5) * period / bins
+    lower = torch.floor(position)
+    upper_share = position - lower
+    lower_bin = torch.remainder(lower.long(), bins)[:, None]  # (N, 1, H, W)
+    upper_bin = torch.remainder(lower_bin + 1, bins)
+    votes = torch.zeros(dx.shape[0], bins, *dx.shape[1:], device=dx.device, dtype=dx.dtype)
+    votes.scatter_add_(1, lower_bin, (magnitude * (1 - upper_share))[:, None])
+    votes.scatter_add_(1, upper_bin, (magnitude * upper_share)[:, None])
+    return F.adaptive_avg_pool2d(votes, grid).permute(0, 2, 3, 1)  # (N, grid, grid, bins)
+
+
+def hof_features(flow: torch.Tensor, grid: int = 4, bins: int = 8, unit: float = 0.005) -> torch.Tensor:
+    """Position-invariant HOF and motion statistics of flow stacks (see the module docstring).
+
+    `unit` is the motion (in the input's units: px / bound) that log1p(value / unit) treats as 1;
+    0.005 is 0.1 px at the TSN bound of 20 px.
+
+    Shape: (N, 2L, H, W) -> (N, bins + grid^2 + MOTION_STATS).
+    """
+    if flow.ndim != 4 or flow.shape[1] % 2:
+        raise ValueError(f"flow stacks must be (N, 2L, H, W), got {tuple(flow.shape)}")
+    n, channels, h, w = flow.shape
+    fields = flow.float().reshape(n, channels // 2, 2, h, w) / unit  # (N, L, 2, H, W), in units
+    dx, dy = fields[:, :, 0], fields[:, :, 1]  # (N, L, H, W)
+    hof = oriented_histograms(dx.flatten(0, 1), dy.flatten(0, 1), 1, bins, signed=True)
+    hof = hof.reshape(n, -1, bins).mean(dim=1)  # (N, bins), mean over the L fields
+    magnitude_map = torch.hypot(dx, dy)  # (N, L, H, W)
+    cells = F.adaptive_avg_pool2d(magnitude_map.mean(dim=1), grid).flatten(1)  # (N, grid^2)
+    cells = cells.sort(dim=1, descending=True).values  # where the motion is does not matter, how concentrated it is does
+
+    magnitude = magnitude_map.flatten(1)  # (N, L*H*W)
+    edges = torch.tensor(_MAG_EDGES, device=flow.device, dtype=magnitude.dtype)
+    counts = torch.zeros(n, len(edges) + 1, device=flow.device, dtype=magnitude.dtype)
+    counts.scatter_add_(1, torch.bucketize(magnitude, edges), torch.ones_like(magnitude))  # (N, 9)
+    magnitude_hist = counts / magnitude.shape[1]
+
+    # Finite differences inside the frame: du/dx + dv/dy (divergence), dv/dx - du/dy (curl).
+    du_dx, dv_dx = dx[..., :, 1:] - dx[..., :, :-1], dy[..., :, 1:] - dy[..., :, :-1]
+    du_dy, dv_dy = dx[..., 1:, :] - dx[..., :-1, :], dy[..., 1:, :] - dy[..., :-1, :]
+    divergence = du_dx[..., :-1, :] + dv_dy[..., :, :-1]
+    curl = dv_dx[..., :-1, :] - du_dy[..., :, :-1]
+
+    share = hof / hof.sum(dim=1, keepdim=True).clamp_min(1e-6)
+    entropy = -(share * torch.log(share.clamp_min(1e-12))).sum(dim=1) / math.log(bins)  # (N,) in [0, 1]
+    if fields.shape[1] > 1:
+        change = (fields[:, 1:] - fields[:, :-1]).norm(dim=2).flatten(1).mean(dim=1)
+    else:
+        change = torch.zeros(n, device=flow.device, dtype=fields.dtype)
+    scalars = torch.stack([
+        magnitude.mean(dim=1), magnitude.std(dim=1), magnitude.amax(dim=1),
+        magnitude.kthvalue(max(1, round(0.9 * magnitude.shape[1])), dim=1).values,  # 90th percentile
+        dx.flatten(1).std(dim=1), dy.flatten(1).std(dim=1),
+        divergence.abs().flatten(1).mean(dim=1), curl.abs().flatten(1).mean(dim=1), change,
+    ], dim=1)  # (N, 9), non-negative magnitudes
+    drift = torch.asinh(torch.stack([dx.flatten(1).mean(dim=1), dy.flatten(1).mean(dim=1)], dim=1))  # (N, 2), signed
+    return torch.cat([torch.log1p(hof), torch.log1p(cells), magnitude_hist, torch.log1p(scalars), drift,
+                      entropy[:, None]], dim=1)
+
+
+def hog_features(frames: torch.Tensor, grid: int = 4, bins: int = 9) -> torch.Tensor:
+    """Position-invariant HOG, gradient layout and colour statistics of frames (see the module docstring).
+
+    Gradients are central differences of the channel mean (edge-replicated borders).
+
+    Shape: (N, C, H, W) -> (N, bins + grid^2 + 2 C).
+    """
+    if frames.ndim != 4:
+        raise ValueError(f"frames must be (N, C, H, W), got {tuple(frames.shape)}")
+    frames = frames.float()
+    gray = F.pad(frames.mean(dim=1, keepdim=True), (1, 1, 1, 1), mode="replicate")[:, 0]  # (N, H+2, W+2)
+    gx = (gray[:, 1:-1, 2:] - gray[:, 1:-1, :-2]) / 2
+    gy = (gray[:, 2:, 1:-1] - gray[:, :-2, 1:-1]) / 2
+    hog = oriented_histograms(gx, gy, 1, bins, signed=False)[:, 0, 0]  # (N, bins)
+    # L2-Hys (Dalal & Triggs 2005, sec. 6.4): normalise, clip at 0.2, normalise again.
+    hog = F.normalize(F.normalize(hog, dim=1, eps=1e-6).clamp_max(_HYS_CLIP), dim=1, eps=1e-6)
+    energy = F.adaptive_avg_pool2d(torch.hypot(gx, gy)[:, None], grid).flatten(1)  # (N, grid^2)
+    layout = (energy / energy.sum(dim=1, keepdim=True).clamp_min(1e-6)).sort(dim=1, descending=True).values
+    colour = torch.cat([frames.mean(dim=(2, 3)), frames.std(dim=(2, 3))], dim=1)  # (N, 2C)
+    return torch.cat([hog, layout, colour], dim=1)
+
+
+class HogHof(nn.Module):
+    """A parameter-free frame encoder: HOG for 3-channel frames, HOF for 2L-channel flow stacks."""
+
+    def __init__(self, in_channels: int, grid: int = 4) -> None:
+        super().__init__()
+        if in_channels != 3 and (in_channels < 2 or in_channels % 2):
+            raise ValueError(f"hoghof takes RGB frames (3 channels) or flow stacks (2L channels), got {in_channels}")
+        self.in_channels = in_channels
+        self.grid = grid
+        self.out_dim = 9 + grid * grid + 2 * 3 if in_channels == 3 else 8 + grid * grid + MOTION_STATS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Shape: (N, C, H, W) -> (N, out_dim), in the input's dtype."""
+        out = hog_features(x, self.grid) if self.in_channels == 3 else hof_features(x, self.grid)
+        return out.to(x.dtype)

@@ -1,0 +1,188 @@
+"""The hand-crafted HOG/HOF frame encoder: known values, invariances, and its place among the backbones."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from streams.backbones import build_backbone
+from streams.config import ModelConfig
+from streams.hoghof import MOTION_STATS, HogHof, hof_features, hog_features, oriented_histograms
+from streams.model import build_stream_model
+
+GRID = 4
+HOF, CELLS = 8, GRID * GRID  # global orientation bins, sorted cell magnitudes
+MAG_HIST = HOF + CELLS  # first of the 9 magnitude-histogram bins
+STATS = MAG_HIST + 9  # mean, std, max, p90, std dx, std dy, |div|, |curl|, change
+FLOW_DIM = HOF + CELLS + MOTION_STATS
+RGB_DIM = 9 + CELLS + 6
+
+
+def _uniform_flow(n: int, fields: int, dx: float, dy: float, side: int = 16) -> torch.Tensor:
+    """(n, 2 * fields, side, side) stacks where every field moves every pixel by (dx, dy)."""
+    one = torch.tensor([dx, dy]).repeat(fields)[None, :, None, None]
+    return one.expand(n, -1, side, side).clone()
+
+
+def _ramp(angle: float, side: int = 16) -> torch.Tensor:
+    """A (1, 3, side, side) image whose intensity grows along `angle` (radians, y down)."""
+    y, x = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                          indexing="ij")
+    return (x * math.cos(angle) + y * math.sin(angle)).expand(1, 3, side, side).clone()
+
+
+class TestOrientedHistograms:
+    @pytest.mark.parametrize("signed, bins, k", [(True, 8, 0), (True, 8, 5), (False, 9, 2), (False, 9, 8)])
+    def test_a_vector_at_a_bin_centre_votes_its_length_into_that_bin(self, signed, bins, k):
+        period = 2 * math.pi if signed else math.pi
+        angle = (k + 0.5) * period / bins
+        dx = torch.full((1, 8, 8), 3.0 * math.cos(angle))
+        dy = torch.full((1, 8, 8), 3.0 * math.sin(angle))
+        hist = oriented_histograms(dx, dy, grid=2, bins=bins, signed=signed)
+        expected = torch.zeros(1, 2, 2, bins)
+        expected[..., k] = 3.0
+        torch.testing.assert_close(hist, expected)
+
+    def test_an_angle_between_two_centres_splits_its_vote(self):
+        hist = oriented_histograms(torch.ones(1, 4, 4), torch.zeros(1, 4, 4), grid=1, bins=8, signed=True)
+        # Angle 0 lies halfway between the centres of bin 7 (-22.5 deg) and bin 0 (22.5 deg).
+        torch.testing.assert_close(hist[0, 0, 0], torch.tensor([0.5, 0, 0, 0, 0, 0, 0, 0.5]))
+
+    def test_unsigned_orientations_fold_opposite_vectors_together(self):
+        dx, dy = torch.full((1, 4, 4), 0.3), torch.full((1, 4, 4), 0.7)
+        forward = oriented_histograms(dx, dy, 1, 9, signed=False)
+        torch.testing.assert_close(oriented_histograms(-dx, -dy, 1, 9, signed=False), forward)
+        assert not torch.allclose(oriented_histograms(-dx, -dy, 1, 8, signed=True),
+                                  oriented_histograms(dx, dy, 1, 8, signed=True))
+
+    def test_cells_only_see_their_own_pixels(self):
+        dx = torch.zeros(1, 8, 8)
+        dx[0, :4, :4] = 2.0  # motion in the top-left cell only
+        hist = oriented_histograms(dx, torch.zeros_like(dx), grid=2, bins=8, signed=True)
+        assert hist[0, 0, 0].sum().item() == pytest.approx(2.0)
+        assert hist[0, 0, 1].sum() == 0 and hist[0, 1, 0].sum() == 0 and hist[0, 1, 1].sum() == 0
+
+    def test_mismatched_fields_are_refused(self):
+        with pytest.raises(ValueError, match="dx and dy"):
+            oriented_histograms(torch.zeros(1, 4, 4), torch.zeros(1, 4, 5), 2, 8, True)
+
+
+class TestHof:
+    def test_still_footage_gives_no_motion(self):
+        feats = hof_features(torch.zeros(2, 4, 16, 16))
+        assert feats.shape == (2, FLOW_DIM)
+        assert feats[:, :MAG_HIST].abs().sum() == 0  # no orientation votes, no moving cell
+        torch.testing.assert_close(feats[:, MAG_HIST:STATS], torch.eye(9)[[0, 0]])  # every pixel in the lowest bin
+        assert feats[:, STATS:].abs().sum() == 0  # statistics and drift vanish
+
+    def test_faster_motion_moves_pixels_to_higher_magnitude_bins_and_raises_the_mean(self):
+        slow, fast = hof_features(_uniform_flow(1, 2, 0.01, 0.0)), hof_features(_uniform_flow(1, 2, 0.1, 0.0))
+        bin_of = lambda f: int(f[0, MAG_HIST:STATS].argmax())  # noqa: E731
+        assert bin_of(fast) > bin_of(slow)
+        assert fast[0, STATS] > slow[0, STATS] > 0
+
+    def test_motion_votes_for_its_direction(self):
+        down = hof_features(_uniform_flow(1, 2, 0.0, 0.05))[0, :HOF]  # angle 90 deg: bins 1 and 2 share it
+        assert down[1] == pytest.approx(down[2].item()) and down[1] > 0
+        assert down[[0, 3, 4, 5, 6, 7]].abs().sum() == 0
+
+    def test_drift_follows_the_direction_of_motion(self):
+        right_down = hof_features(_uniform_flow(1, 2, 0.02, 0.01))[0, -3:-1]
+        left_up = hof_features(_uniform_flow(1, 2, -0.02, -0.01))[0, -3:-1]
+        assert (right_down > 0).all()
+        torch.testing.assert_close(left_up, -right_down)
+
+    def test_moving_the_action_elsewhere_in_the_frame_changes_nothing(self):
+        here = torch.zeros(1, 4, 16, 16)
+        here[:, :, 4:8, 4:8] = torch.randn(1, 4, 4, 4) * 0.05  # motion inside one grid cell
+        there = torch.roll(here, shifts=(4, 4), dims=(2, 3))  # another cell, also clear of the borders
+        torch.testing.assert_close(hof_features(there), hof_features(here))
+
+    def test_concentrated_motion_differs_from_the_same_amount_spread_out(self):
+        spread = torch.full((1, 2, 16, 16), 0.01)
+        concentrated = torch.zeros(1, 2, 16, 16)
+        concentrated[:, :, :4, :4] = 0.16  # the same total motion, in one cell
+        cells = lambda f: hof_features(f)[0, HOF:MAG_HIST]  # noqa: E731
+        assert cells(concentrated)[0] > cells(spread)[0] and cells(concentrated)[-1] < cells(spread)[-1]
+
+    def test_irregular_motion_within_a_stack_shows_as_change(self):
+        steady = _uniform_flow(1, 2, 0.02, 0.0)
+        jerky = steady.clone()
+        jerky[:, 2] = -0.02  # the second field reverses
+        assert hof_features(steady)[0, STATS + 8] == 0
+        assert hof_features(jerky)[0, STATS + 8] > 0
+
+    def test_a_rotating_field_has_curl_and_no_divergence(self):
+        y, x = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+        rotation = torch.stack([-(y - 7.5), x - 7.5])[None] * 1e-3  # (1, 2, 16, 16)
+        feats = hof_features(rotation)
+        divergence, curl = feats[0, STATS + 6], feats[0, STATS + 7]
+        assert curl > 0 and divergence.abs() < 1e-6
+
+    def test_each_clip_is_described_on_its_own(self):
+        batch = torch.randn(3, 4, 16, 16) * 0.02
+        alone = torch.cat([hof_features(batch[i:i + 1]) for i in range(3)])
+        torch.testing.assert_close(hof_features(batch), alone)
+
+    def test_an_odd_channel_count_is_refused(self):
+        with pytest.raises(ValueError, match="2L"):
+            hof_features(torch.zeros(1, 3, 8, 8))
+
+
+class TestHog:
+    @pytest.mark.parametrize("k", [0, 2, 6])
+    def test_a_ramp_puts_its_gradient_into_its_orientation_bin(self, k):
+        hog = hog_features(_ramp((k + 0.5) * math.pi / 9))[0, :9]
+        assert int(hog.argmax()) == k
+        # Border pixels (replicated edges) tilt slightly and L2-Hys clipping lifts their share, but
+        # no vote reaches beyond the two neighbouring bins.
+        far = [b for b in range(9) if min(abs(b - k), 9 - abs(b - k)) > 1]
+        assert hog[far].abs().sum() == 0
+
+    def test_histograms_and_layout_ignore_brightness_and_contrast_but_colour_does_not(self):
+        frames = torch.rand(2, 3, 16, 16)
+        plain, brighter = hog_features(frames), hog_features(2.5 * frames + 0.7)
+        assert plain.shape == (2, RGB_DIM)
+        torch.testing.assert_close(brighter[:, :9 + CELLS], plain[:, :9 + CELLS])
+        assert not torch.allclose(brighter[:, 9 + CELLS:], plain[:, 9 + CELLS:])
+
+    def test_layout_shares_sum_to_one_and_come_sorted(self):
+        layout = hog_features(torch.rand(3, 3, 16, 16))[:, 9:9 + CELLS]
+        torch.testing.assert_close(layout.sum(dim=1), torch.ones(3))
+        assert (layout[:, :-1] >= layout[:, 1:]).all()
+
+
+class TestAsBackbone:
+    @pytest.mark.parametrize("channels, dim", [(3, RGB_DIM), (4, FLOW_DIM), (10, FLOW_DIM)])
+    def test_forward_gives_out_dim_features_for_each_stream(self, channels, dim):
+        backbone = build_backbone("hoghof", channels)
+        out = backbone(torch.randn(5, channels, 32, 32) * 0.05)
+        assert out.shape == (5, dim) and backbone.out_dim == dim and torch.isfinite(out).all()
+        assert not list(backbone.parameters())  # nothing to train or to load
+
+    def test_dtype_follows_the_input(self):
+        assert build_backbone("hoghof", 4)(torch.zeros(1, 4, 8, 8, dtype=torch.float64)).dtype == torch.float64
+
+    @pytest.mark.parametrize("kwargs, match", [({"pretrained": True}, "no weights"),
+                                               ({"weights_path": "w.pth"}, "no weights"),
+                                               ({"in_channels": 5}, "2L channels")])
+    def test_bad_requests_are_one_line_errors(self, kwargs, match):
+        with pytest.raises(ValueError, match=match):
+            build_backbone("hoghof", **{"in_channels": 3, **kwargs})
+
+    def test_frames_smaller_than_the_grid_are_refused(self):
+        with pytest.raises(ValueError, match="at least 4x4"):
+            build_backbone("hoghof", 3)(torch.zeros(1, 3, 2, 2))
+
+    def test_the_head_trains_on_it_for_both_streams(self):
+        cfg = ModelConfig(backbone="hoghof", flow_stack=2, lstm_layers=1, lstm_hidden=16, attention_heads=2,
+                          dense_units=(16, 8))
+        for stream, channels in (("rgb", 3), ("flow", 4)):
+            model = build_stream_model(cfg, stream)
+            logits = model(torch.randn(2, 3, channels, 16, 16) * 0.05)
+            logits.sum().backward()
+            assert logits.shape == (2,)
+            assert all(p.grad is not None for p in model.head.parameters())
+            assert isinstance(model.backbone.net, HogHof)
