@@ -4,7 +4,9 @@ The layer is fitted on validation predictions only. Its L2 strength is chosen by
 cross-validation on the validation set when the smaller class is big enough, and the learned
 fusion is then judged on its out-of-fold logits: in-sample logits would flatter it, since it was
 fitted on those very videos while the streams never trained on them. A smaller validation set
-keeps a fixed L2 strength and judges the layer leave-one-out, for the same reason. When it still scores below
+(fewer than `cv_min_per_class` videos of the rarer class, about ten per weight) learns no layer at
+all: each stream alone and TSN's fixed average compete on it instead, since weights fitted on a
+handful of videos fit their noise (`_fixed_fusion`). When it still scores below
 the best single stream, the model falls back to that stream and says why.
 
 Baselines computed alongside: each stream alone, the plain average of probabilities, and TSN's
@@ -86,9 +88,9 @@ class FusionModel:
     threshold: float  # operating threshold on the fused probability, chosen on validation
     goal: str  # the threshold goal
     min_recall: float | None  # recall floor for goal "recall"
-    method: str  # "learned", or "single" after a fallback
+    method: str  # "learned"; "single" or "tsn" (fixed weights) after a fallback
     selected: str | None = None  # the stream used alone when method == "single"
-    fallback_reason: str | None = None  # why the learned fusion was not kept
+    fallback_reason: str | None = None  # why no learned fusion is used
     c: float = 1.0  # inverse L2 strength of the logistic layer
     cv_folds: int = 0  # folds that chose `c` and scored the learned fusion; 0 = none (too small)
     n_val: int = 0  # validation videos it was fitted on
@@ -272,6 +274,62 @@ def _rank_key(s: dict, metric: str) -> tuple[float, float, float]:
     return (s[metric] if s[metric] is not None else -np.inf, -_loss(s), s["roc_auc"] or 0.0)
 
 
+def _balanced_log_loss(y: np.ndarray, logits: np.ndarray) -> float:
+    return float(log_loss(y, expit(logits), sample_weight=compute_sample_weight("balanced", y), labels=[0, 1]))
+
+
+def _calibrate(scores: dict, x: np.ndarray, y: np.ndarray, features: tuple[str, ...],
+               streams: tuple[str, ...], c: float, judge: BaseCrossValidator) -> None:
+    """Add each stream's "calibrated_log_loss": its logit through a one-feature layer, held out.
+
+    Ties in the selection metric go to the lower log-loss, but the streams' raw logits are not
+    calibrated while a fitted layer's are; comparing every candidate through the same layer,
+    judged out of sample, makes it a nested comparison that pure noise in one stream cannot pass.
+    """
+    for stream in streams:
+        alone = _out_of_fold(x[:, [features.index(f"{stream}:logit")]], y, c, judge)
+        scores[stream]["calibrated_log_loss"] = _balanced_log_loss(y, alone)
+
+
+def _single(stream: str, threshold: float, reason: str, common: dict) -> FusionModel:
+    return FusionModel(features=(f"{stream}:logit",), weights=(1.0,), bias=0.0, threshold=threshold,
+                       method="single", selected=stream, fallback_reason=reason, **common)
+
+
+def _fixed_fusion(x: np.ndarray, y: np.ndarray, features: tuple[str, ...], streams: tuple[str, ...],
+                  scores: dict, minority: int, cfg: FusionConfig, common: dict) -> FusionModel:
+    """Fusion for a validation set too small to fit a layer: the best candidate without weights.
+
+    A logistic layer needs about ten videos of the rarer class per weight it fits (events per
+    variable, Peduzzi et al. 1996): below `cv_min_per_class` its weights, and any score of them on
+    the same few videos, are noise. So no layer is learned; each stream alone and TSN's fixed
+    1:1.5 average compete on validation instead, and only their thresholds are fitted.
+    """
+    candidates = list(streams) + (["tsn"] if "tsn" in scores else [])
+    if minority >= 2:
+        tsn = dict(cfg.tsn_weights)
+        total = sum(tsn.values())
+        x_tsn = np.column_stack([x, sum(w / total * x[:, features.index(f"{s}:logit")] for s, w in tsn.items())]) \
+            if "tsn" in scores else x
+        names = (*features, "tsn:logit") if "tsn" in scores else features
+        _calibrate(scores, x_tsn, y, names, tuple(candidates), cfg.default_c, LeaveOneOut())
+    chosen = max(candidates, key=lambda s: _rank_key(scores[s], cfg.select_metric))
+    pick = scores[chosen]
+    reason = (
+        f"validation has {minority} video(s) of its rarer class (< {cfg.cv_min_per_class}): too few to "
+        f"learn fusion weights; the fixed candidates ({', '.join(candidates)}) were compared and "
+        f"{chosen} scored best ({cfg.select_metric} {pick[cfg.select_metric]:.4f}, log-loss {_loss(pick):.4f})"
+    )
+    logger.warning("%s", reason)
+    common = {**common, "c": float(cfg.default_c), "cv_folds": 0}
+    if chosen != "tsn":
+        return _single(chosen, pick["threshold"], reason, common)
+    tsn = dict(cfg.tsn_weights)
+    total = sum(tsn.values())
+    return FusionModel(features=tuple(f"{s}:logit" for s in tsn), weights=tuple(w / total for w in tsn.values()),
+                       bias=0.0, threshold=pick["threshold"], method="tsn", fallback_reason=reason, **common)
+
+
 def fit_fusion(
     val_inputs: Mapping[str, Predictions], config: FusionConfig | None = None
 ) -> FusionModel:
@@ -308,88 +366,36 @@ def fit_fusion(
     x = _design(features, logits, emb)  # (N, F)
 
     minority = min(n_pos, len(y) - n_pos)
-    if minority >= cfg.cv_min_per_class:
-        folds = StratifiedKFold(cfg.cv_folds, shuffle=True, random_state=cfg.seed)
-        sample_w = compute_sample_weight("balanced", y)
-        best = None
-        for c in sorted(cfg.cs):  # ascending, so ties keep the stronger regularisation
-            oof = _out_of_fold(x, y, c, folds)
-            loss = log_loss(y, expit(oof), sample_weight=sample_w, labels=[0, 1])
-            logger.debug("fusion C=%g: out-of-fold balanced log-loss %.4f", c, loss)
-            if best is None or loss < best[0] - 1e-12:
-                best = (loss, c, oof)
-        _, c, learned_val = best
-        n_folds, how = cfg.cv_folds, "out-of-fold"
-        judge = folds
-    else:
-        # Too few videos to choose C, but still enough to judge the layer honestly: each video is
-        # scored by a layer fitted without it. Scored in-sample, a layer fitted on a handful of
-        # videos matches them perfectly and always looks as good as the best stream.
-        c, n_folds = cfg.default_c, 0
-        judge = LeaveOneOut() if minority >= 2 else None
-        learned_val = _out_of_fold(x, y, c, judge) if judge is not None else None
-        how = "leave-one-out"
-        logger.info(
-            "validation minority class has %d videos (< %d): L2 strength left at C=%g, learned fusion "
-            "scored %s",
-            minority,
-            cfg.cv_min_per_class,
-            c,
-            how if learned_val is not None else "not at all (one video cannot be held out and learned from)",
-        )
-    w, b = _fit_lr(x, y, c)
-
     base = baselines(aligned, dict(cfg.tsn_weights))
     scores = {name: _score(y, p.logits, cfg) for name, p in base.items()}
-    if learned_val is not None:
-        scores["learned"] = _score(y, learned_val, cfg)
-        # Ties in the metric go to the lower log-loss. The layer's logits are calibrated, the
-        # streams' raw ones are not, so each stream is compared through the same layer fitted on
-        # its logit alone, judged the same way: the nested comparison asks whether the other
-        # streams add anything out of sample, and pure noise in one stream does not pass it.
-        sample_w = compute_sample_weight("balanced", y)
-        for stream in streams:
-            alone = _out_of_fold(x[:, [features.index(f"{stream}:logit")]], y, c, judge)
-            scores[stream]["calibrated_log_loss"] = float(
-                log_loss(y, expit(alone), sample_weight=sample_w, labels=[0, 1])
-            )
-        scores["learned"]["calibrated_log_loss"] = float(
-            log_loss(y, expit(learned_val), sample_weight=sample_w, labels=[0, 1])
-        )
+    common = dict(streams=streams, goal=cfg.goal, min_recall=cfg.min_recall, n_val=len(y), validation=scores)
+    if minority < cfg.cv_min_per_class:
+        return _fixed_fusion(x, y, features, streams, scores, minority, cfg, common)
+
+    folds = StratifiedKFold(cfg.cv_folds, shuffle=True, random_state=cfg.seed)
+    best = None
+    for c in sorted(cfg.cs):  # ascending, so ties keep the stronger regularisation
+        oof = _out_of_fold(x, y, c, folds)
+        loss = _balanced_log_loss(y, oof)
+        logger.debug("fusion C=%g: out-of-fold balanced log-loss %.4f", c, loss)
+        if best is None or loss < best[0] - 1e-12:
+            best = (loss, c, oof)
+    _, c, learned_val = best
+    w, b = _fit_lr(x, y, c)
+    scores["learned"] = _score(y, learned_val, cfg)
+    _calibrate(scores, x, y, features, streams, c, folds)
+    scores["learned"]["calibrated_log_loss"] = _balanced_log_loss(y, learned_val)
     best_single = max(streams, key=lambda s: _rank_key(scores[s], cfg.select_metric))
-    learned, single = scores.get("learned"), scores[best_single]
-    common = dict(
-        streams=streams,
-        goal=cfg.goal,
-        min_recall=cfg.min_recall,
-        c=float(c),
-        cv_folds=n_folds,
-        n_val=len(y),
-        validation=scores,
-    )
-    if learned is None or _rank_key(learned, cfg.select_metric) < _rank_key(single, cfg.select_metric):
-        if learned is None:
-            reason = (
-                f"validation holds a single video of one class: a learned fusion cannot be judged; "
-                f"using {best_single} alone"
-            )
-        else:
-            reason = (
-                f"learned fusion ({how}) scored validation {cfg.select_metric} {learned[cfg.select_metric]:.4f}, "
-                f"log-loss {_loss(learned):.4f}, below {best_single} alone "
-                f"({single[cfg.select_metric]:.4f}, log-loss {_loss(single):.4f}); using {best_single} alone"
-            )
-        logger.warning("%s", reason)
-        return FusionModel(
-            features=(f"{best_single}:logit",),
-            weights=(1.0,),
-            bias=0.0,
-            threshold=single["threshold"],
-            method="single",
-            selected=best_single,
-            fallback_reason=reason,
-            **common,
+    learned, single = scores["learned"], scores[best_single]
+    common.update(c=float(c), cv_folds=cfg.cv_folds)
+    if _rank_key(learned, cfg.select_metric) < _rank_key(single, cfg.select_metric):
+        reason = (
+            f"learned fusion (out-of-fold) scored validation {cfg.select_metric} {learned[cfg.select_metric]:.4f}, "
+            f"log-loss {_loss(learned):.4f}, below {best_single} alone "
+            f"({single[cfg.select_metric]:.4f}, log-loss {_loss(single):.4f}); using {best_single} alone"
         )
+        logger.warning("%s", reason)
+        return _single(best_single, single["threshold"], reason, common)
     logger.info(
         "learned fusion kept: validation %s %.4f vs best single stream %s %.4f",
         cfg.select_metric,

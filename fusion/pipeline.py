@@ -332,7 +332,8 @@ def evaluate_run(
     """Fuse on validation, evaluate RGB, flow and fused on test; write the report to RUN/eval/.
 
     Returns {"metrics": {"rgb", "flow", "fused"} -> compute_metrics dict, "report": report.md path,
-    "eval_dir", "tta", "fallback_reason", "comparison"}.
+    "eval_dir", "tta", "fallback_reason", "fusion_method" ("learned", "single", "tsn"; None for an
+    ensemble), "comparison"}.
     """
     from fusion.report import write_report
 
@@ -365,6 +366,7 @@ def evaluate_run(
         "eval_dir": eval_dir,
         "tta": outcome.tta,
         "fallback_reason": outcome.fallback_reason,
+        "fusion_method": getattr(outcome.model, "method", None),
         "comparison": outcome.comparison,
     }
 
@@ -512,6 +514,7 @@ def cross_validate(
         except ValueError as exc:
             raise ValueError(f"fold {fold} of {folds}: {exc}") from None
         rows.append({"fold": fold, "run": str(fold_dir), "fallback_reason": result["fallback_reason"],
+                     "fusion_method": result["fusion_method"],
                      **{m: {name: _pick(result["metrics"][m], keys) for name, keys in _CV_METRICS}
                         for m in ("rgb", "flow", "fused")},
                      "n_test": result["metrics"]["fused"]["n"]})
@@ -542,7 +545,9 @@ def _cv_markdown(doc: Mapping) -> str:
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "## Per fold", "", "| fold | videos | rgb | flow | fused | note |", "|---:|---:|---:|---:|---:|---|"]
     for r in doc["rounds"]:
-        note = "fallback to one stream" if r.get("fallback_reason") else ""
+        method = r.get("fusion_method")
+        note = ("fixed TSN weights" if method == "tsn" else "one stream" if method == "single"
+                else "fallback to one stream" if r.get("fallback_reason") else "")
         lines.append(f"| {r['fold']} | {r['n_test']} | {r['rgb']['accuracy']:.4f} | {r['flow']['accuracy']:.4f} "
                      f"| {r['fused']['accuracy']:.4f} | {note} |")
     return "\n".join(lines) + "\n"
