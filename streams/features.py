@@ -4,7 +4,9 @@ A features file sits beside its store as `<store>.features-<stream>-<backbone>.h
 
     /                attrs: schema_version, stream, backbone, feature_dim, clip (ClipConfig as
                      JSON), augment (JSON), views, minority_views, minority_label, seed, pretrained,
-                     weights_path, store (absolute path), store_flow (the store's flow settings, JSON)
+                     weights_path, encoder_version (hoghof's descriptor version; 0 for CNNs, whose
+                     features the seed or weights fix), store (absolute path), store_flow (the
+                     store's flow settings, JSON)
     /videos/<id>/    attrs: label, views
         features     (V, T, D) float16    view 0 = the plain uniform clip (what evaluation sees),
                                           views 1.. = seeded augmented draws (`ClipDataset` views)
@@ -41,6 +43,7 @@ from data.clips import ClipConfig, ClipDataset, clip_inputs
 from data.store import Store
 from flow.devices import resolve_device
 from streams.backbones import build_backbone
+from streams.hoghof import VERSION as HOGHOF_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +112,7 @@ def cache_features(
         "seed": int(seed),
         "pretrained": bool(pretrained),
         "weights_path": str(weights_path or ""),
+        "encoder_version": HOGHOF_VERSION if backbone == "hoghof" else 0,
         "store": str(store_path.resolve()),
         "store_flow": json.dumps({k: store_root[k] for k in _STORE_FLOW_KEYS if k in store_root}, sort_keys=True,
                                  default=str),

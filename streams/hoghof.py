@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+VERSION = 1  # of the descriptors; bump on any change, so features cached by another version are recomputed
 MOTION_STATS = 21  # global statistics after the HOF cells: 9 magnitude bins + 12 scalars
 _MAG_EDGES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)  # magnitude histogram edges, in units of `unit`
 _HYS_CLIP = 0.2  # Dalal & Triggs' L2-Hys clipping value

@@ -103,6 +103,23 @@ def test_rerun_with_same_settings_does_no_work(store, builds):
         assert f.attrs["views"] == 3
 
 
+def test_hoghof_features_of_another_descriptor_version_are_recomputed(store, monkeypatch):
+    import streams.features as features
+
+    def cache():
+        return cache_features(store, "flow", "hoghof", device="cpu", batch_size=3, clip_cfg=CFG)
+
+    first = cache()
+    with h5py.File(first, "r") as f:
+        assert f.attrs["encoder_version"] == features.HOGHOF_VERSION
+    stamp = first.stat().st_mtime_ns
+    assert cache().stat().st_mtime_ns == stamp  # same version: reused
+    monkeypatch.setattr(features, "HOGHOF_VERSION", features.HOGHOF_VERSION + 1)
+    cache()
+    with h5py.File(first, "r") as f:
+        assert f.attrs["encoder_version"] == features.HOGHOF_VERSION
+
+
 def test_interrupted_run_resumes_per_video(store, builds, tmp_path):
     reference = _cache(store, views=2, out_path=tmp_path / "ref.h5")
 
