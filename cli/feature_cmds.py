@@ -16,6 +16,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from cli.choices import Backbone
 from cli.console import err, out, table
 from cli.errors import user_errors
 
@@ -25,11 +26,6 @@ class Stream(str, Enum):
     flow = "flow"
 
 
-class BackboneName(str, Enum):
-    vgg19 = "vgg19"
-    resnet50 = "resnet50"
-    efficientnet_b4 = "efficientnet_b4"
-    vit_b_16 = "vit_b_16"
 
 
 def register(app: typer.Typer) -> None:
@@ -41,7 +37,7 @@ def register(app: typer.Typer) -> None:
 def features(
     store: Annotated[Path, typer.Argument(help="Store file from `twostream extract`.")],
     stream: Annotated[Stream, typer.Option(help="Which stream's clips go through the backbone.")],
-    backbone: Annotated[BackboneName, typer.Option(help="Frame encoder (vgg19: fc7, 4096-d).")] = BackboneName.vgg19,
+    backbone: Annotated[Backbone, typer.Option(help="Frame encoder (vgg19: fc7, 4096-d).")] = Backbone.vgg19,
     views: Annotated[int, typer.Option(help="Views per video: view 0 is the plain clip, the rest augmented draws.")] = 1,
     minority_views: Annotated[
         int | None, typer.Option(help="Views per video of the less frequent class (default: --views).")

@@ -12,6 +12,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
+from cli.choices import Backbone, Head
 from cli.console import err, out, table
 from cli.errors import fail, user_errors
 
@@ -26,20 +27,6 @@ class StageChoice(str, Enum):
     head = "head"
     finetune = "finetune"
     both = "both"
-
-
-class BackboneChoice(str, Enum):
-    vgg19 = "vgg19"
-    resnet50 = "resnet50"
-    efficientnet_b4 = "efficientnet_b4"
-    vit_b_16 = "vit_b_16"
-
-
-class HeadChoice(str, Enum):
-    bilstm_attention = "bilstm_attention"
-    gru_attention = "gru_attention"
-    conv1d_lstm = "conv1d_lstm"
-    transformer = "transformer"
 
 
 class MetricChoice(str, Enum):
@@ -87,8 +74,8 @@ def train(
     fold: Annotated[str | None, typer.Option(help="k/K: cross-validation round k (from 0) of K, by group.")] = None,
     split: Annotated[SplitChoice | None, typer.Option(
         help="store: the store's train/val/test; auto: a fresh split by group and label.")] = None,
-    backbone: Annotated[BackboneChoice | None, typer.Option(help="Frame encoder.")] = None,
-    head: Annotated[HeadChoice | None, typer.Option(help="Temporal head.")] = None,
+    backbone: Annotated[Backbone | None, typer.Option(help="Frame encoder.")] = None,
+    head: Annotated[Head | None, typer.Option(help="Temporal head.")] = None,
     pretrained: Annotated[bool | None, typer.Option(
         "--pretrained/--no-pretrained", help="ImageNet weights from the torch hub cache.")] = None,
     weights: Annotated[Path | None, typer.Option(help="Backbone weights file.")] = None,
@@ -101,7 +88,7 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Peak learning rate of stage 1 (stage 2 is 10x smaller).")] = None,
     patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs (0: off).")] = None,
     metric: Annotated[MetricChoice | None, typer.Option(help="Validation metric for best.pt and early stopping.")] = None,
-    amp: Annotated[AmpChoice | None, typer.Option(help="Mixed precision (auto: bf16/fp16 on CUDA, off on CPU).")] = None,
+    amp: Annotated[AmpChoice | None, typer.Option(help="Mixed precision (auto: bf16/fp16 on CUDA; on CPUs with native bf16 the large matrix products in bf16; else off).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of weights, sampling and augmentation.")] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader processes for clips.")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads per training process (0: torch's default).")] = None,

@@ -35,6 +35,16 @@ def test_features_writes_the_file_and_summarises(store):
     assert "7 (2 per video, 3 for label 0)" in res.output
 
 
+def test_every_backbone_the_model_knows_is_a_choice(store):
+    from streams.config import BACKBONES
+
+    assert "hoghof" in BACKBONES
+    res = _run("features", store, "--stream", "flow", "--backbone", "hoghof", "--steps", "3", "--flow-stack", "2",
+               "--size", "16", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert FeatureDataset(features_path(store, "flow", "hoghof")).video_ids
+
+
 def _assert_one_line_error(res, *fragments):
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output
