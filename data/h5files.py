@@ -1,7 +1,8 @@
 """Durable HDF5 files: sibling paths, atomic commits, and attributes that keep any plain value.
 
 A file is written under `tmp_path(final)`, then `commit` fsyncs it and renames it into place, so a
-reader sees the old file or the new one, never half of one. `put_attrs` stores numbers, strings and
+reader sees the old file or the new one, never half of one; `write_file_atomic` does the same for
+any file written through a callback (checkpoints, JSON, CSV). `put_attrs` stores numbers, strings and
 homogeneous lists as native HDF5 attributes and anything else JSON-serialisable (dicts, None,
 mixed lists) as JSON text, listed under the `JSON_KEYS` attribute; `get_attrs` reads both back as
 plain Python values.
@@ -11,8 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO
 
 import h5py
 import numpy as np
@@ -56,6 +60,25 @@ def commit(tmp: Path, final: Path) -> None:
     fsync_path(tmp)
     os.replace(tmp, final)
     fsync_path(final.parent)
+
+
+def write_file_atomic(path: str | Path, fill: Callable[[BinaryIO], None]) -> Path:
+    """Write `path` through `fill(file)`: readers see the old content or the new, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fill(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the result is an ordinary shared file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+    return path
 
 
 def unlink_quiet(path: Path) -> None:

@@ -17,14 +17,14 @@ import csv
 import io
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy.special import expit, logit
+
+from data.h5files import write_file_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -100,20 +100,8 @@ def read_json(path: str | Path, what: str):
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """Write a file so that readers see the old content or the new, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the result is an ordinary shared file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    return write_file_atomic(path, lambda fh: fh.write(payload))
 
 
 def write_predictions(

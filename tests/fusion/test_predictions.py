@@ -1,10 +1,10 @@
 import csv
+import os
 
 import numpy as np
 import pytest
 from scipy.special import expit
 
-from fusion import predictions as P
 from fusion.predictions import (
     Predictions,
     align,
@@ -163,7 +163,7 @@ class TestAtomicWrite:
         def boom(*_):
             raise OSError("disk full")
 
-        monkeypatch.setattr(P.os, "replace", boom)
+        monkeypatch.setattr(os, "replace", boom)
         with pytest.raises(OSError):
             write_atomic(target, "new")
         assert target.read_text() == "old"
