@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
+from data.lazy_exports import lazy_exports
 
-# Public names and the module that defines each; imported on first use, so that importing the
-# package stays cheap and the packages can use each other without import cycles.
+# Public names and the module that defines each, imported on first use (data.lazy_exports).
 _EXPORTS = {
     "read_video": "data.video",
     "iter_frames": "data.video",
@@ -47,12 +46,4 @@ _EXPORTS = {
     "augment_clip": "data.augment",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)
