@@ -278,17 +278,17 @@ def _balanced_log_loss(y: np.ndarray, logits: np.ndarray) -> float:
     return float(log_loss(y, expit(logits), sample_weight=compute_sample_weight("balanced", y), labels=[0, 1]))
 
 
-def _calibrate(scores: dict, x: np.ndarray, y: np.ndarray, features: tuple[str, ...],
-               streams: tuple[str, ...], c: float, judge: BaseCrossValidator) -> None:
-    """Add each stream's "calibrated_log_loss": its logit through a one-feature layer, held out.
+def _calibrate(scores: dict, logits: Mapping[str, np.ndarray], y: np.ndarray, c: float,
+               judge: BaseCrossValidator) -> None:
+    """Add each candidate's "calibrated_log_loss": its logit through a one-feature layer, held out.
 
-    Ties in the selection metric go to the lower log-loss, but the streams' raw logits are not
+    Ties in the selection metric go to the lower log-loss, but the candidates' raw logits are not
     calibrated while a fitted layer's are; comparing every candidate through the same layer,
     judged out of sample, makes it a nested comparison that pure noise in one stream cannot pass.
     """
-    for stream in streams:
-        alone = _out_of_fold(x[:, [features.index(f"{stream}:logit")]], y, c, judge)
-        scores[stream]["calibrated_log_loss"] = _balanced_log_loss(y, alone)
+    for name, z in logits.items():
+        alone = _out_of_fold(np.asarray(z, np.float64).reshape(-1, 1), y, c, judge)
+        scores[name]["calibrated_log_loss"] = _balanced_log_loss(y, alone)
 
 
 def _single(stream: str, threshold: float, reason: str, common: dict) -> FusionModel:
@@ -296,23 +296,18 @@ def _single(stream: str, threshold: float, reason: str, common: dict) -> FusionM
                        method="single", selected=stream, fallback_reason=reason, **common)
 
 
-def _fixed_fusion(x: np.ndarray, y: np.ndarray, features: tuple[str, ...], streams: tuple[str, ...],
-                  scores: dict, minority: int, cfg: FusionConfig, common: dict) -> FusionModel:
+def _fixed_fusion(base: Mapping[str, Predictions], y: np.ndarray, streams: tuple[str, ...], scores: dict,
+                  minority: int, cfg: FusionConfig, common: dict) -> FusionModel:
     """Fusion for a validation set too small to fit a layer: the best candidate without weights.
 
     A logistic layer needs about ten videos of the rarer class per weight it fits (events per
     variable, Peduzzi et al. 1996): below `cv_min_per_class` its weights, and any score of them on
     the same few videos, are noise. So no layer is learned; each stream alone and TSN's fixed
-    1:1.5 average compete on validation instead, and only their thresholds are fitted.
+    1:1.5 average (`base`, from `baselines`) compete on validation, and only thresholds are fitted.
     """
-    candidates = list(streams) + (["tsn"] if "tsn" in scores else [])
+    candidates = [*streams, *(["tsn"] if "tsn" in base else [])]
     if minority >= 2:
-        tsn = dict(cfg.tsn_weights)
-        total = sum(tsn.values())
-        x_tsn = np.column_stack([x, sum(w / total * x[:, features.index(f"{s}:logit")] for s, w in tsn.items())]) \
-            if "tsn" in scores else x
-        names = (*features, "tsn:logit") if "tsn" in scores else features
-        _calibrate(scores, x_tsn, y, names, tuple(candidates), cfg.default_c, LeaveOneOut())
+        _calibrate(scores, {name: base[name].logits for name in candidates}, y, cfg.default_c, LeaveOneOut())
     chosen = max(candidates, key=lambda s: _rank_key(scores[s], cfg.select_metric))
     pick = scores[chosen]
     reason = (
@@ -324,9 +319,9 @@ def _fixed_fusion(x: np.ndarray, y: np.ndarray, features: tuple[str, ...], strea
     common = {**common, "c": float(cfg.default_c), "cv_folds": 0}
     if chosen != "tsn":
         return _single(chosen, pick["threshold"], reason, common)
-    tsn = dict(cfg.tsn_weights)
-    total = sum(tsn.values())
-    return FusionModel(features=tuple(f"{s}:logit" for s in tsn), weights=tuple(w / total for w in tsn.values()),
+    total = sum(w for _, w in cfg.tsn_weights)
+    return FusionModel(features=tuple(f"{s}:logit" for s, _ in cfg.tsn_weights),
+                       weights=tuple(w / total for _, w in cfg.tsn_weights),
                        bias=0.0, threshold=pick["threshold"], method="tsn", fallback_reason=reason, **common)
 
 
@@ -370,7 +365,7 @@ def fit_fusion(
     scores = {name: _score(y, p.logits, cfg) for name, p in base.items()}
     common = dict(streams=streams, goal=cfg.goal, min_recall=cfg.min_recall, n_val=len(y), validation=scores)
     if minority < cfg.cv_min_per_class:
-        return _fixed_fusion(x, y, features, streams, scores, minority, cfg, common)
+        return _fixed_fusion(base, y, streams, scores, minority, cfg, common)
 
     folds = StratifiedKFold(cfg.cv_folds, shuffle=True, random_state=cfg.seed)
     best = None
@@ -383,7 +378,7 @@ def fit_fusion(
     _, c, learned_val = best
     w, b = _fit_lr(x, y, c)
     scores["learned"] = _score(y, learned_val, cfg)
-    _calibrate(scores, x, y, features, streams, c, folds)
+    _calibrate(scores, {s: logits[s] for s in streams}, y, c, folds)
     scores["learned"]["calibrated_log_loss"] = _balanced_log_loss(y, learned_val)
     best_single = max(streams, key=lambda s: _rank_key(scores[s], cfg.select_metric))
     learned, single = scores["learned"], scores[best_single]
