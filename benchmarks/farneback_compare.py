@@ -39,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from flow import _farneback_native  # noqa: E402
 from flow.farneback import FarnebackParams, farneback  # noqa: E402
 from flow.groundtruth import epe, flyingchairs_pairs, synthetic_pairs  # noqa: E402
 
@@ -202,6 +203,11 @@ def main() -> None:
         f" ({cv2.getNumThreads()} threads), {os.cpu_count()} cores, torch on {device},"
         f" OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     )
+    if device.type == "cpu":
+        fast = _farneback_native.available(torch.zeros(1))
+        print(
+            f"torch kernels on the CPU: {'C (flow/_farneback_native.py)' if fast else 'eager ops'}"
+        )
 
     synthetic = list(zip(*synthetic_pairs(args.synthetic, args.size, args.size)))
     sets = [(f"synthetic {args.synthetic} x {args.size}x{args.size}", synthetic)]

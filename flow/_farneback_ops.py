@@ -180,6 +180,15 @@ def window_taps(radius: int) -> tuple[float, ...]:
 def border_weight(height: int, width: int, like: Tensor) -> Tensor:
     """OpenCV's per-pixel weight of the equations near the image edges. Shape: (h, w).
 
+    The result may be a shared cached tensor: read it, never write it.
+    """
+    return _border_weight(height, width).to(dtype=like.dtype, device=like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _border_weight(height: int, width: int) -> Tensor:
+    """`border_weight` as a float32 CPU tensor (float32 values, whatever dtype they end up in).
+
     The factors multiply in float32 in OpenCV's order (left, right, top, bottom). OpenCV tests
     "near an edge" as (unsigned)(x - 5) >= (unsigned)(w - 10), which most pixels of images
     narrower than 10 px fail; those keep weight 1, and we follow.
@@ -201,4 +210,4 @@ def border_weight(height: int, width: int, like: Tensor) -> Tensor:
     ) * np.asarray(bottom, dtype=np.float32)[:, None]
     near = np.asarray(near_y)[:, None] | np.asarray(near_x)[None, :]
     weight = np.where(near, weight, np.float32(1.0)).astype(np.float32)
-    return torch.from_numpy(weight).to(dtype=like.dtype, device=like.device)
+    return torch.from_numpy(weight)

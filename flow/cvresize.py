@@ -120,19 +120,12 @@ def resize_flow(flow: Tensor, size: tuple[int, int]) -> Tensor:
     height, width = flow.shape[-2:]
 
     def axis(src: int, dst: int, clamp: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        pos = ((np.arange(dst) + 0.5) * (1.0 / (dst / src)) - 0.5).astype(np.float32)
-        left = np.floor(pos)
-        frac = (pos - left).astype(np.float32)
-        left = left.astype(np.int64)
-        if clamp:
-            frac[(left < 0) | (left >= src - 1)] = 0
-        right = (left + 1).clip(0, src - 1)
-        left = left.clip(0, src - 1)
-        weights = [(np.float32(1) - frac).astype(np.float32), frac]
-        indices = [torch.as_tensor(v, device=flow.device) for v in (left, right)]
+        first, second, w0, w1 = _flow_axis(src, dst, clamp)
         return (
-            *indices,
-            *(torch.as_tensor(v, device=flow.device, dtype=flow.dtype) for v in weights),
+            torch.as_tensor(first, device=flow.device),
+            torch.as_tensor(second, device=flow.device),
+            torch.as_tensor(w0, device=flow.device, dtype=flow.dtype),
+            torch.as_tensor(w1, device=flow.device, dtype=flow.dtype),
         )
 
     i0, i1, w0, w1 = axis(width, size[1], clamp=True)
@@ -140,6 +133,20 @@ def resize_flow(flow: Tensor, size: tuple[int, int]) -> Tensor:
     i0, i1, w0, w1 = axis(height, size[0], clamp=False)
     w0, w1 = w0.view(-1, 1), w1.view(-1, 1)
     return rows.index_select(-2, i0) * w0 + rows.index_select(-2, i1) * w1
+
+
+def _flow_axis(src: int, dst: int, clamp: bool) -> tuple[np.ndarray, ...]:
+    """resize_flow's sampling along one axis: left and right source indices (int64) and their
+    float32 weights (1 - t, t) at float32 positions; with `clamp`, t = 0 outside the source."""
+    pos = ((np.arange(dst) + 0.5) * (1.0 / (dst / src)) - 0.5).astype(np.float32)
+    left = np.floor(pos)
+    frac = (pos - left).astype(np.float32)
+    left = left.astype(np.int64)
+    if clamp:
+        frac[(left < 0) | (left >= src - 1)] = 0
+    right = (left + 1).clip(0, src - 1)
+    left = left.clip(0, src - 1)
+    return left, right, (np.float32(1) - frac).astype(np.float32), frac
 
 
 def _fma(a: Tensor, b: Tensor | float, c: Tensor) -> Tensor:

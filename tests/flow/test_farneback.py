@@ -1,12 +1,15 @@
 import dataclasses
 import importlib
+import logging
+import os
+import shutil
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from flow import cvresize
+from flow import _farneback_native, cvresize
 from flow.cvresize import pyramid_level, resize_flow
 from flow.farneback import Farneback, FarnebackParams, farneback, polynomial_expansion
 from flow.groundtruth import epe, synthetic_pairs, textured_image
@@ -16,6 +19,18 @@ fb = importlib.import_module("flow.farneback")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # cv2.FarnebackOpticalFlow_create()'s own defaults, the other parameter set in common use.
 CREATE_DEFAULTS = FarnebackParams(levels=5, winsize=13, iterations=10, poly_sigma=1.1)
+PARAM_SETS = {  # compared with OpenCV per pixel
+    "tutorial": FarnebackParams(),
+    "create": CREATE_DEFAULTS,
+    "gaussian": FarnebackParams(flags=256),
+    "poly7-even-window": FarnebackParams(poly_n=7, poly_sigma=1.5, winsize=10, pyr_scale=0.6, levels=2, iterations=2),
+    "window-1": FarnebackParams(winsize=1),
+}
+KERNEL_PARAM_SETS = {  # C kernels against the eager ops: the above and the Gaussian window's edge cases
+    **PARAM_SETS,
+    "gaussian-even-window": FarnebackParams(flags=256, winsize=4, levels=1),
+    "gaussian-window-1": FarnebackParams(flags=256, winsize=1),
+}
 
 
 def cv2_flow(prev: np.ndarray, nxt: np.ndarray, params: FarnebackParams) -> np.ndarray:
@@ -65,19 +80,7 @@ def test_epe_matches_opencv(pairs, params):
     assert ours < 0.3 * epe(np.zeros_like(gt), gt)  # and the flow is real, not near zero
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        FarnebackParams(),
-        CREATE_DEFAULTS,
-        FarnebackParams(flags=256),
-        FarnebackParams(
-            poly_n=7, poly_sigma=1.5, winsize=10, pyr_scale=0.6, levels=2, iterations=2
-        ),
-        FarnebackParams(winsize=1),
-    ],
-    ids=["tutorial", "create", "gaussian", "poly7-even-window", "window-1"],
-)
+@pytest.mark.parametrize("params", list(PARAM_SETS.values()), ids=list(PARAM_SETS))
 def test_flow_equals_opencv_per_pixel(pairs, params):
     # Every step rounds as OpenCV's does, so the flows agree to the last bits: near-singular
     # equations (flat, saturated or one-dimensional regions) amplify any rounding difference into
@@ -250,3 +253,133 @@ def test_bad_params_raise(kwargs):
 def test_bad_inputs_raise(prev, nxt):
     with pytest.raises(ValueError):
         farneback(prev, nxt)
+
+
+# The C kernels (flow/_farneback_native.py). The suite runs with TWOSTREAM_NO_COMPILE=1, so every
+# test above checks the eager ops; these switch the kernels on and hold them to the same bits.
+
+
+@pytest.fixture
+def native(monkeypatch):
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler: the eager ops are all there is")
+    monkeypatch.setenv("TWOSTREAM_NO_COMPILE", "0")
+    _farneback_native._library.cache_clear()
+    assert _farneback_native._library() is not None, "a C compiler exists but the build failed"
+    yield
+    _farneback_native._library.cache_clear()  # the next test decides again (eager, by default)
+
+
+def both_paths(prev: np.ndarray, nxt: np.ndarray, params: FarnebackParams, monkeypatch):
+    """The flow with the C kernels (already switched on) and with the eager ops."""
+    fast = torch_flow(prev, nxt, params)
+    monkeypatch.setenv("TWOSTREAM_NO_COMPILE", "1")
+    _farneback_native._library.cache_clear()
+    eager = torch_flow(prev, nxt, params)
+    monkeypatch.setenv("TWOSTREAM_NO_COMPILE", "0")
+    _farneback_native._library.cache_clear()
+    return fast, eager
+
+
+def _flat_and_saturated() -> tuple[np.ndarray, np.ndarray]:
+    # A saturated block on a flat background: near-singular systems almost everywhere.
+    prev = np.zeros((2, 40, 48), np.float32)
+    prev[:, 10:20, 10:30] = 255
+    return prev, np.roll(prev, 2, axis=1)
+
+
+def _noise(h: int, w: int, shift: int) -> tuple[np.ndarray, np.ndarray]:
+    # Noise moves pixels far and at random: many land outside the image.
+    rng = np.random.default_rng(h * w)
+    prev = rng.uniform(0, 255, (2, h, w)).astype(np.float32)
+    return prev, np.roll(prev, shift, axis=2) + rng.normal(0, 3, prev.shape).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: synthetic_pairs(3, 72, 96, seed=11, max_px=3.0)[:2],
+        lambda: synthetic_pairs(2, 97, 131, seed=5, max_px=4.0)[:2],
+        _flat_and_saturated,
+        lambda: _noise(33, 47, 3),
+        lambda: _noise(9, 12, 1),
+        lambda: _noise(1, 40, 1),
+        lambda: _noise(13, 1, 0),
+    ],
+    ids=["synthetic", "odd-size", "flat-saturated", "noise", "small", "one-row", "one-column"],
+)
+@pytest.mark.parametrize("params", list(KERNEL_PARAM_SETS.values()), ids=list(KERNEL_PARAM_SETS))
+def test_c_kernels_equal_eager_ops_bit_for_bit(native, monkeypatch, make, params):
+    prev, nxt = make()
+    fast, eager = both_paths(prev, nxt, params, monkeypatch)
+    np.testing.assert_array_equal(fast, eager)
+    assert np.isfinite(fast).all()
+
+
+@pytest.mark.parametrize("params", [FarnebackParams(), CREATE_DEFAULTS], ids=["tutorial", "create"])
+def test_c_kernels_equal_opencv_per_pixel(native, pairs, params):
+    prev, nxt, _ = pairs
+    assert np.abs(torch_flow(prev, nxt, params) - cv2_flow(prev, nxt, params)).max() < 1e-6
+
+
+def test_c_kernels_pool_and_batch_agree(native, pairs, monkeypatch):
+    prev, nxt, _ = pairs
+    batched = torch_flow(prev, nxt)
+    monkeypatch.setattr(fb, "_CPU_CHUNK_PIXELS", 1)  # one pair per pass, spread over threads
+    np.testing.assert_array_equal(torch_flow(prev, nxt), batched)
+    single = np.concatenate([torch_flow(prev[i : i + 1], nxt[i : i + 1]) for i in range(len(prev))])
+    np.testing.assert_array_equal(single, batched)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.25, 0.125, 0.6])
+def test_c_pyramid_level_equals_opencv_and_eager(native, scale):
+    img = np.random.default_rng(2).uniform(0, 255, (96, 128)).astype(np.float32)
+    sigma = (1 / scale - 1) * 0.5
+    ksize = max(round(sigma * 5) | 1, 3)
+    size = (round(96 * scale), round(128 * scale))
+    expected = cv2.resize(
+        cv2.GaussianBlur(img, (ksize, ksize), sigma, sigma),
+        size[::-1],
+        interpolation=cv2.INTER_LINEAR,
+    )
+    images = torch.from_numpy(np.stack([img, img[::-1].copy()]))[:, None]
+    ours = _farneback_native.pyramid_level(images, scale, size)
+    np.testing.assert_array_equal(ours[0, 0].numpy(), expected)
+    torch.testing.assert_close(ours, pyramid_level(images, scale, size), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", [(48, 64), (67, 83), (11, 7)])
+def test_c_flow_upsampling_equals_opencv_and_eager(native, size):
+    flow = np.random.default_rng(3).uniform(-10, 10, (24, 32, 2)).astype(np.float32)
+    expected = cv2.resize(flow, size[::-1], interpolation=cv2.INTER_LINEAR)
+    planes = torch.from_numpy(flow).permute(2, 0, 1)[:, None]  # (2, N = 1, h, w) as refined
+    ours = _farneback_native.resize_flow(planes, size)
+    np.testing.assert_array_equal(ours[:, 0].permute(1, 2, 0).numpy(), expected)
+    torch.testing.assert_close(ours, resize_flow(planes, size), rtol=0, atol=0)
+
+
+def test_c_kernels_only_for_float32_on_cpu(native):
+    assert _farneback_native.available(torch.zeros(2, 2))
+    assert not _farneback_native.available(torch.zeros(2, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"TWOSTREAM_NO_COMPILE": "1"}, "TWOSTREAM_NO_COMPILE"),
+        ({"CC": "no-such-cc"}, "no C compiler"),
+    ],
+)
+def test_without_c_kernels_the_eager_ops_run(monkeypatch, caplog, pairs, env, message):
+    monkeypatch.setenv("TWOSTREAM_NO_COMPILE", "0")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    _farneback_native._library.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="flow._farneback_native"):
+            assert not _farneback_native.available(torch.zeros(2, 2))
+            prev, nxt, _ = pairs
+            assert torch_flow(prev[:1], nxt[:1]).shape == (1, 72, 96, 2)
+    finally:
+        _farneback_native._library.cache_clear()
+    assert message in caplog.text and "eager ops" in caplog.text
