@@ -4,14 +4,15 @@
 from a few dozen real clips without pretrained weights: 128 px frames (at 64 px the mean motion of
 the SCFD clips, 0.16 px per frame, is below the store's 0.25 px flow step), Farneback flow
 (OpenCV's runs ~1000 pairs/s there; TV-L1 ~5), 16 steps of 2-field flow stacks cut at 64 px, and
-the training-free `hoghof` encoder (HOG for frames, HOF and motion statistics for flow;
-`streams.hoghof`): a randomly initialised CNN's features carry next to nothing, and there is
-nothing to train it on. The head is sized for tiny datasets: a 1-layer 32-unit Bi-LSTM, weight
-decay 0.01, 4 cached views per video, 100 head epochs with best.pt picked by validation loss (a
-validation part of 5-8 videos ties on accuracy, and ties kept the untrained first epoch). No
-test-time augmentation. It generates 480 clips from 60 recordings: with fewer, the 15 % validation
-part is too small to place the operating threshold well (160 clips gave 0.83-0.92 test accuracy
-from run to run, 480 give 0.97). `gpu` follows the research report: 224 px frames, TV-L1 flow, 16
+the training-free `hoghof` encoder (`streams.hoghof`: HOF and motion statistics for flow; for RGB,
+descriptors of the change between consecutive steps, TSN's RGB-difference modality, since single
+frames' appearance tells the scenes apart, not fight from no fight): a randomly initialised CNN's
+features carry next to nothing, and there is nothing to train it on. The head is sized for tiny
+datasets: a 1-layer 32-unit Bi-LSTM, weight decay 0.01, 4 cached views per video, 100 head
+epochs with best.pt picked by validation loss (a validation part of 5-8 videos ties on accuracy,
+and ties kept the untrained first epoch). No test-time augmentation. It generates 480 clips from
+60 recordings: with fewer, the 15 % validation part is too small to place the operating threshold
+well (160 clips gave 0.83-0.92 test accuracy from run to run, 480 give 0.92-0.99). `gpu` follows the research report: 224 px frames, TV-L1 flow, 16
 steps, VGG19 + 3-layer Bi-LSTM + attention, 30 head epochs then 70 fine-tuning epochs, 5 TTA views.
 """
 

@@ -1,13 +1,15 @@
 """Per-frame feature extractors from torchvision, and the input normalisation of both streams.
 
-Every backbone maps frames (N, C, H, W) to one feature vector per frame (N, D):
+Every backbone maps clips (N, T, C, H, W) to one feature vector per step (N, T, D) (`forward_clips`);
+all but hoghof's RGB encoder do it frame by frame, (N, C, H, W) -> (N, D) (`forward`):
 
     vgg19            fc7 (after the second ReLU/Dropout of the classifier)   D = 4096
     resnet50         global-average-pooled last stage                         D = 2048
     efficientnet_b4  global-average-pooled last stage                         D = 1792
     vit_b_16         class token after the final LayerNorm                    D = 768
-    hoghof           training-free HOG (RGB) / HOF + motion statistics (flow)  D = 31 / 45
-                     on a 4x4 grid (`streams.hoghof`); no weights, nothing to pretrain
+    hoghof           training-free frame-change (RGB) / HOF + motion statistics  D = 39 / 45
+                     (flow) on a 4x4 grid (`streams.hoghof`); no weights; its RGB
+                     features describe change between steps, so it takes clips
 
 The CNNs take any input of at least 32x32. The ViT takes exactly `image_size` x `image_size`
 (224 by default, the size its ImageNet weights were trained at; other sizes get the position
@@ -127,6 +129,23 @@ class Backbone(nn.Module):
             raise ValueError(f"{self.name} needs frames of at least {self.min_size}x{self.min_size}, got "
                              f"{x.shape[-2]}x{x.shape[-1]}")
         return self.net(x)
+
+    def forward_clips(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of every step of clips. Shape: (N, T, C, H, W) -> (N, T, D).
+
+        A frame encoder sees all frames as one batch; a temporal one (its net's `temporal` is True:
+        hoghof's RGB change descriptors) sees the clips, since a step's features depend on its
+        neighbours.
+        """
+        if x.ndim != 5:
+            raise ValueError(f"clips must be (N, T, C, H, W), got {tuple(x.shape)}")
+        n, t = x.shape[:2]
+        if not getattr(self.net, "temporal", False):
+            return self(x.flatten(0, 1)).view(n, t, -1)  # (N*T, D) -> (N, T, D)
+        if x.shape[2] != self.in_channels or min(x.shape[-2:]) < self.min_size:
+            raise ValueError(f"{self.name} backbone expects clips (N, T, {self.in_channels}, H, W) of at least "
+                             f"{self.min_size}x{self.min_size}, got {tuple(x.shape)}")
+        return self.net.forward_clips(x)
 
 
 def build_backbone(

@@ -85,7 +85,7 @@ def cache_features(
 ) -> Path:
     """Cache backbone features of every video's views; returns the features file.
 
-    `batch_size` counts clips; the backbone sees their frames as one (batch * T, C, H, W) batch.
+    `batch_size` counts clips; the backbone sees them as one (batch, T, C, H, W) batch.
     `augment` draws views 1.. (default AugmentConfig()); `video_ids` defaults to the whole store;
     `on_progress(done, total)` is called as videos finish. A finished file with the same settings
     and videos is returned as is.
@@ -152,10 +152,9 @@ def cache_features(
     with torch.inference_mode():
         for batch in loader:
             clips = clip_inputs(batch, dev)  # (B, T, C, H, W) float32, normalised on the device
-            b, t = clips.shape[:2]
             with autocast:
-                feats = net(clips.flatten(0, 1))  # (B*T, D)
-            feats = feats.view(b, t, -1).to(torch.float16).cpu().numpy()  # (B, T, D)
+                feats = net.forward_clips(clips)  # (B, T, D)
+            feats = feats.to(torch.float16).cpu().numpy()  # (B, T, D)
             for j, video_id in enumerate(batch["video_id"]):
                 views_of = pending.setdefault(video_id, {})
                 views_of[int(batch["view"][j])] = (feats[j], batch["index"][j].numpy())

@@ -1,4 +1,4 @@
-"""Training-free HOG/HOF frame descriptors: the classical hand-crafted encoder of action recognition.
+"""Training-free HOG/HOF descriptors: the classical hand-crafted encoder of action recognition.
 
 For footage too scarce to train a CNN on and without pretrained weights, oriented-histogram
 descriptors on a coarse spatial grid are the standard baseline (Dalal & Triggs 2005, HOG; Laptev,
@@ -13,9 +13,23 @@ the temporal head learns on its per-step vectors exactly as on CNN features:
   pixels); mean / std / max / 90th percentile of the magnitude, spatial std of dx and dy, mean
   |divergence| and |curl|, the mean change between consecutive fields of the stack (motion
   irregularity; 0 when L = 1); mean dx and dy (global drift); orientation entropy.
-- an RGB frame (N, 3, H, W) (`normalize_rgb`) gives D = bins + grid^2 + 6: the frame's L2-Hys
-  normalised HOG over `bins` unsigned orientations; each grid cell's share of the gradient
-  energy, sorted; the mean and std of each channel.
+- an RGB clip (N, T, 3, H, W) (`normalize_rgb`) gives, per step, D = bins + grid^2 + CHANGE_STATS
+  describing how the picture changed into that step (`frame_difference_features`): TSN's
+  RGB-difference modality (Wang et al. 2016) and the frame-difference cues of fast fight
+  detection (Serrano Gracia et al. 2015), made training-free. Of the grey-level difference d from
+  the previous step: the L2-Hys HOG of d (the shape of the edges that moved), each grid cell's
+  share of d's gradient energy, sorted; a histogram of |d| on log-spaced edges (how much of the
+  frame changed); log mean / 90th / 99th percentile of |d|; the log mean |second difference|
+  (how abruptly the change itself changes) and its ratio to mean |d|; a normal-speed estimate
+  mean |d| / mean |grad| (px per step, by brightness constancy); the signed mean of d (lighting).
+  A single frame's appearance (its HOG, colours) is left out: the same scenes hold fights and no
+  fights, and a head that sees a dozen scenes learns the scenes from it, not the action.
+  Differences are taken between the clip's consecutive steps (about (n - 1) / (T - 1) frames
+  apart, like TDN's cross-segment differences, Wang et al. 2021): the clips stay one frame per
+  step for every consumer, and at 64 px the change between adjacent frames is mostly JPEG noise
+  (the SCFD clips move 0.16 px per frame on average). So RGB features need the whole clip:
+  `HogHof.forward_clips`. A step that repeats the frame before it (edge padding of short videos,
+  temporal dropout) carries the last real difference instead of a frozen picture.
 
 Nothing depends on where in the frame things happen: cells enter sorted, so the descriptors are
 unchanged when the action moves (up to cell boundaries). A classifier that sees a dozen scenes
@@ -34,10 +48,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-VERSION = 1  # of the descriptors; bump on any change, so features cached by another version are recomputed
+VERSION = 2  # of the descriptors; bump on any change, so features cached by another version are recomputed
 MOTION_STATS = 21  # global statistics after the HOF cells: 9 magnitude bins + 12 scalars
+CHANGE_STATS = 14  # statistics of a frame difference after its HOG cells: 7 |d| bins + 7 scalars
 _MAG_EDGES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)  # magnitude histogram edges, in units of `unit`
+_DIFF_EDGES = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0)  # |frame difference| histogram edges, in grey levels
 _HYS_CLIP = 0.2  # Dalal & Triggs' L2-Hys clipping value
+# One grey level (1/255) in `normalize_rgb` units: ImageNet's channel std averages 0.226.
+GREY_LEVEL = 1.0 / (255 * 0.226)
 
 
 def oriented_histograms(dx: torch.Tensor, dy: torch.Tensor, grid: int, bins: int, signed: bool) -> torch.Tensor:
@@ -113,30 +131,109 @@ def hof_features(flow: torch.Tensor, grid: int = 4, bins: int = 8, unit: float =
                       entropy[:, None]], dim=1)
 
 
-def hog_features(frames: torch.Tensor, grid: int = 4, bins: int = 9) -> torch.Tensor:
-    """Position-invariant HOG, gradient layout and colour statistics of frames (see the module docstring).
+def _gradient_histograms(gray: torch.Tensor, grid: int, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-Hys HOG and sorted cell shares of the gradient energy of grey images.
 
-    Gradients are central differences of the channel mean (edge-replicated borders).
+    Gradients are central differences (edge-replicated borders). Shape: (N, H, W) -> (N, bins),
+    (N, grid^2).
+    """
+    padded = F.pad(gray[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]  # (N, H+2, W+2)
+    gx = (padded[:, 1:-1, 2:] - padded[:, 1:-1, :-2]) / 2
+    gy = (padded[:, 2:, 1:-1] - padded[:, :-2, 1:-1]) / 2
+    hog = oriented_histograms(gx, gy, 1, bins, signed=False)[:, 0, 0]  # (N, bins)
+    # L2-Hys (Dalal & Triggs 2005, sec. 6.4): normalise, clip at 0.2, normalise again.
+    hog = F.normalize(F.normalize(hog, dim=1, eps=1e-6).clamp_max(_HYS_CLIP), dim=1, eps=1e-6)
+    energy = F.adaptive_avg_pool2d(torch.hypot(gx, gy)[:, None], grid).flatten(1)  # (N, grid^2)
+    layout = (energy / energy.sum(dim=1, keepdim=True).clamp_min(1e-6)).sort(dim=1, descending=True).values
+    return hog, layout
+
+
+def hog_features(frames: torch.Tensor, grid: int = 4, bins: int = 9) -> torch.Tensor:
+    """Position-invariant HOG, gradient layout and colour statistics of single frames.
+
+    Gradients are those of the channel mean. Not part of the encoder (see the module docstring:
+    single-frame appearance identifies scenes); kept as the static counterpart of
+    `frame_difference_features`.
 
     Shape: (N, C, H, W) -> (N, bins + grid^2 + 2 C).
     """
     if frames.ndim != 4:
         raise ValueError(f"frames must be (N, C, H, W), got {tuple(frames.shape)}")
     frames = frames.float()
-    gray = F.pad(frames.mean(dim=1, keepdim=True), (1, 1, 1, 1), mode="replicate")[:, 0]  # (N, H+2, W+2)
-    gx = (gray[:, 1:-1, 2:] - gray[:, 1:-1, :-2]) / 2
-    gy = (gray[:, 2:, 1:-1] - gray[:, :-2, 1:-1]) / 2
-    hog = oriented_histograms(gx, gy, 1, bins, signed=False)[:, 0, 0]  # (N, bins)
-    # L2-Hys (Dalal & Triggs 2005, sec. 6.4): normalise, clip at 0.2, normalise again.
-    hog = F.normalize(F.normalize(hog, dim=1, eps=1e-6).clamp_max(_HYS_CLIP), dim=1, eps=1e-6)
-    energy = F.adaptive_avg_pool2d(torch.hypot(gx, gy)[:, None], grid).flatten(1)  # (N, grid^2)
-    layout = (energy / energy.sum(dim=1, keepdim=True).clamp_min(1e-6)).sort(dim=1, descending=True).values
+    hog, layout = _gradient_histograms(frames.mean(dim=1), grid, bins)
     colour = torch.cat([frames.mean(dim=(2, 3)), frames.std(dim=(2, 3))], dim=1)  # (N, 2C)
     return torch.cat([hog, layout, colour], dim=1)
 
 
+def step_differences(gray: torch.Tensor) -> torch.Tensor:
+    """Grey-level change into each step of clips; repeated frames carry the last real change.
+
+    Step t > 0 gets g_t - g_{t-1}; step 0 gets step 1's (it has no step before it). A step equal to
+    the one before it everywhere is a sampling repeat, not a frozen scene: it takes the nearest
+    earlier real difference (or, before the first one, the first). Clips of one step get zeros.
+
+    Shape: (N, T, H, W) -> (N, T, H, W).
+    """
+    if gray.ndim != 4:
+        raise ValueError(f"grey clips must be (N, T, H, W), got {tuple(gray.shape)}")
+    n, t = gray.shape[:2]
+    if t < 2:
+        return torch.zeros_like(gray)
+    diffs = gray[:, 1:] - gray[:, :-1]  # (N, T-1, H, W)
+    real = diffs.flatten(2).abs().amax(dim=2) > 0  # (N, T-1)
+    steps = torch.arange(t - 1, device=gray.device).expand(n, -1)
+    last_real = torch.where(real, steps, -1).cummax(dim=1).values  # latest real difference so far, -1 = none yet
+    first_real = real.long().argmax(dim=1, keepdim=True)  # 0 when there is none: all zero anyway
+    source = torch.where(last_real >= 0, last_real, first_real)  # (N, T-1)
+    diffs = diffs.gather(1, source[..., None, None].expand_as(diffs))
+    return torch.cat([diffs[:, :1], diffs], dim=1)  # (N, T, H, W)
+
+
+def frame_difference_features(clips: torch.Tensor, grid: int = 4, bins: int = 9,
+                              unit: float = GREY_LEVEL) -> torch.Tensor:
+    """Position-invariant descriptors of the change into each step of RGB clips (module docstring).
+
+    `unit` is the grey-level change that log1p(value / unit) treats as 1 (one level of 255 in
+    `normalize_rgb` units by default).
+
+    Shape: (N, T, C, H, W) -> (N, T, bins + grid^2 + CHANGE_STATS).
+    """
+    if clips.ndim != 5:
+        raise ValueError(f"clips must be (N, T, C, H, W), got {tuple(clips.shape)}")
+    n, t = clips.shape[:2]
+    gray = clips.float().mean(dim=2)  # (N, T, H, W)
+    diff = step_differences(gray)  # (N, T, H, W): first temporal derivative
+    accel = step_differences(diff)  # second derivative: how abruptly the change changes
+    flat_diff, flat_gray = diff.flatten(0, 1), gray.flatten(0, 1)  # (N*T, H, W)
+    hog, layout = _gradient_histograms(flat_diff, grid, bins)
+
+    change = flat_diff.abs().flatten(1) / unit  # (N*T, H*W), in grey levels
+    edges = torch.tensor(_DIFF_EDGES, device=clips.device, dtype=change.dtype)
+    counts = torch.zeros(n * t, len(edges) + 1, device=clips.device, dtype=change.dtype)
+    counts.scatter_add_(1, torch.bucketize(change, edges), torch.ones_like(change))
+    change_hist = counts / change.shape[1]  # (N*T, 7), share of pixels
+
+    mean_change = change.mean(dim=1)
+    mean_accel = accel.flatten(0, 1).abs().flatten(1).mean(dim=1) / unit
+    gy, gx = torch.gradient(flat_gray, dim=(1, 2))
+    texture = torch.hypot(gx, gy).flatten(1).mean(dim=1) / unit  # grey levels per px
+    # Brightness constancy: dI/dt = -grad(I) . v, so |d| / |grad I| estimates the normal speed.
+    normal_speed = mean_change / texture.clamp_min(1.0)
+    p90, p99 = (change.kthvalue(max(1, round(q * change.shape[1])), dim=1).values for q in (0.9, 0.99))
+    scalars = torch.stack([mean_change, p90, p99, mean_accel], dim=1)  # (N*T, 4), in grey levels
+    abruptness = (mean_accel / mean_change.clamp_min(1e-3)).clamp_max(4.0)  # ~1 when steps change independently
+    lighting = torch.asinh(flat_diff.flatten(1).mean(dim=1) / unit)  # signed global brightness change
+    out = torch.cat([hog, layout, change_hist, torch.log1p(scalars), torch.log1p(normal_speed)[:, None],
+                     abruptness[:, None], lighting[:, None]], dim=1)
+    return out.view(n, t, -1)
+
+
 class HogHof(nn.Module):
-    """A parameter-free frame encoder: HOG for 3-channel frames, HOF for 2L-channel flow stacks."""
+    """A parameter-free encoder: frame-change descriptors of RGB clips, HOF of 2L-channel flow stacks.
+
+    Flow steps are described one by one (`forward`); RGB steps by their change from the step before,
+    so the RGB encoder is temporal: it takes whole clips (`forward_clips`).
+    """
 
     def __init__(self, in_channels: int, grid: int = 4) -> None:
         super().__init__()
@@ -144,9 +241,22 @@ class HogHof(nn.Module):
             raise ValueError(f"hoghof takes RGB frames (3 channels) or flow stacks (2L channels), got {in_channels}")
         self.in_channels = in_channels
         self.grid = grid
-        self.out_dim = 9 + grid * grid + 2 * 3 if in_channels == 3 else 8 + grid * grid + MOTION_STATS
+        self.out_dim = 9 + grid * grid + CHANGE_STATS if in_channels == 3 else 8 + grid * grid + MOTION_STATS
+
+    @property
+    def temporal(self) -> bool:
+        """Whether a step's features depend on the steps around it (RGB: change from the step before)."""
+        return self.in_channels == 3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Shape: (N, C, H, W) -> (N, out_dim), in the input's dtype."""
-        out = hog_features(x, self.grid) if self.in_channels == 3 else hof_features(x, self.grid)
-        return out.to(x.dtype)
+        """Flow stacks one by one. Shape: (N, 2L, H, W) -> (N, out_dim), in the input's dtype."""
+        if self.temporal:
+            raise ValueError("hoghof RGB features describe the change between steps: pass whole clips "
+                             "(N, T, 3, H, W) to forward_clips")
+        return hof_features(x, self.grid).to(x.dtype)
+
+    def forward_clips(self, x: torch.Tensor) -> torch.Tensor:
+        """Shape: (N, T, C, H, W) -> (N, T, out_dim), in the input's dtype."""
+        if not self.temporal:
+            return self.forward(x.flatten(0, 1)).view(*x.shape[:2], -1)
+        return frame_difference_features(x, self.grid).to(x.dtype)

@@ -28,14 +28,12 @@ class StreamModel(nn.Module):
         self.backbone_frozen = False
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-frame features, all frames through the backbone as one batch. Shape: (N, T, C, H, W) -> (N, T, D)."""
+        """Per-step features, all frames through the backbone as one batch. Shape: (N, T, C, H, W) -> (N, T, D)."""
         if x.ndim != 5:
             raise ValueError(f"clips must be (N, T, C, H, W), got {tuple(x.shape)}")
-        n, t = x.shape[:2]
         # A frozen backbone needs no activation graph; dropping it saves most of the memory.
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
-            feats = self.backbone(x.flatten(0, 1))  # (N*T, D)
-        return feats.view(n, t, -1)
+            return self.backbone.forward_clips(x)  # (N, T, D)
 
     def forward_head(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Shape: (N, T, D), mask (N, T) -> logits (N,)."""

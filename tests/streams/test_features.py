@@ -120,6 +120,20 @@ def test_hoghof_features_of_another_descriptor_version_are_recomputed(store, mon
         assert f.attrs["encoder_version"] == features.HOGHOF_VERSION
 
 
+def test_temporal_rgb_features_are_cached_per_clip_as_the_model_computes_them(store):
+    # hoghof's RGB features describe change between steps: the cache must hand it whole clips,
+    # exactly as StreamModel.forward_features does at prediction time.
+    from streams.backbones import build_backbone
+
+    path = cache_features(store, "rgb", "hoghof", device="cpu", batch_size=3, clip_cfg=CFG)
+    clips = ClipDataset(store, ["a", "b", "c", "d"], "rgb", CFG)
+    expected = build_backbone("hoghof", 3).forward_clips(
+        normalize_clip(torch.stack([clips[i]["clip"] for i in range(4)]), "rgb"))  # (4, T, D)
+    cached = FeatureDataset(path, ["a", "b", "c", "d"])
+    for i in range(4):
+        torch.testing.assert_close(cached[i]["features"], expected[i].half().float())
+
+
 def test_interrupted_run_resumes_per_video(store, builds, tmp_path):
     reference = _cache(store, views=2, out_path=tmp_path / "ref.h5")
 

@@ -1,4 +1,4 @@
-"""The hand-crafted HOG/HOF frame encoder: known values, invariances, and its place among the backbones."""
+"""The hand-crafted HOG/HOF encoder: known values, invariances, and its place among the backbones."""
 
 from __future__ import annotations
 
@@ -9,7 +9,17 @@ import torch
 
 from streams.backbones import build_backbone
 from streams.config import ModelConfig
-from streams.hoghof import MOTION_STATS, HogHof, hof_features, hog_features, oriented_histograms
+from streams.hoghof import (
+    CHANGE_STATS,
+    GREY_LEVEL,
+    MOTION_STATS,
+    HogHof,
+    frame_difference_features,
+    hof_features,
+    hog_features,
+    oriented_histograms,
+    step_differences,
+)
 from streams.model import build_stream_model
 
 GRID = 4
@@ -17,7 +27,10 @@ HOF, CELLS = 8, GRID * GRID  # global orientation bins, sorted cell magnitudes
 MAG_HIST = HOF + CELLS  # first of the 9 magnitude-histogram bins
 STATS = MAG_HIST + 9  # mean, std, max, p90, std dx, std dy, |div|, |curl|, change
 FLOW_DIM = HOF + CELLS + MOTION_STATS
-RGB_DIM = 9 + CELLS + 6
+HOG_DIM = 9 + CELLS + 6  # static HOG of single frames
+CHANGE_HIST = 9 + CELLS  # first of the 7 |difference| bins of the RGB change descriptor
+MEAN_CHANGE, MEAN_ACCEL, SPEED, ABRUPT, LIGHTING = (CHANGE_HIST + 7 + i for i in (0, 3, 4, 5, 6))
+RGB_DIM = 9 + CELLS + CHANGE_STATS
 
 
 def _uniform_flow(n: int, fields: int, dx: float, dy: float, side: int = 16) -> torch.Tensor:
@@ -144,7 +157,7 @@ class TestHog:
     def test_histograms_and_layout_ignore_brightness_and_contrast_but_colour_does_not(self):
         frames = torch.rand(2, 3, 16, 16)
         plain, brighter = hog_features(frames), hog_features(2.5 * frames + 0.7)
-        assert plain.shape == (2, RGB_DIM)
+        assert plain.shape == (2, HOG_DIM)
         torch.testing.assert_close(brighter[:, :9 + CELLS], plain[:, :9 + CELLS])
         assert not torch.allclose(brighter[:, 9 + CELLS:], plain[:, 9 + CELLS:])
 
@@ -154,16 +167,97 @@ class TestHog:
         assert (layout[:, :-1] >= layout[:, 1:]).all()
 
 
+def _moving_square(steps: int, speed: int, at: int = 2, side: int = 24) -> torch.Tensor:
+    """(1, steps, 3, side, side) clip: a bright 6 px square moving right `speed` px per step."""
+    clip = torch.zeros(1, steps, 3, side, side)
+    for t in range(steps):
+        clip[0, t, :, at:at + 6, at + speed * t:at + speed * t + 6] = 50 * GREY_LEVEL
+    return clip
+
+
+class TestStepDifferences:
+    def test_each_step_gets_the_change_into_it_and_the_first_step_the_second_steps(self):
+        gray = torch.tensor([0.0, 1.0, 3.0, 6.0])[None, :, None, None].expand(1, 4, 2, 2)
+        torch.testing.assert_close(step_differences(gray)[0, :, 0, 0], torch.tensor([1.0, 1.0, 2.0, 3.0]))
+
+    @pytest.mark.parametrize("values, expected", [
+        ([0, 1, 1, 4], [1, 1, 1, 3]),  # a repeated frame carries the change before it
+        ([5, 5, 5, 7], [2, 2, 2, 2]),  # leading repeats take the first real change
+        ([2, 2, 2], [0, 0, 0]),  # a still clip has no change at all
+    ])
+    def test_repeated_frames_carry_a_real_change(self, values, expected):
+        gray = torch.tensor(values, dtype=torch.float32)[None, :, None, None].expand(1, len(values), 3, 3)
+        torch.testing.assert_close(step_differences(gray)[0, :, 1, 1], torch.tensor(expected, dtype=torch.float32))
+
+    def test_one_step_clips_have_no_change_and_bad_shapes_are_refused(self):
+        assert step_differences(torch.rand(2, 1, 4, 4)).abs().sum() == 0
+        with pytest.raises(ValueError, match="N, T, H, W"):
+            step_differences(torch.rand(2, 4, 4))
+
+
+class TestFrameDifference:
+    def test_a_still_clip_has_no_change(self):
+        feats = frame_difference_features(torch.rand(1, 1, 3, 16, 16).expand(2, 4, 3, 16, 16))
+        assert feats.shape == (2, 4, RGB_DIM)
+        torch.testing.assert_close(feats[..., CHANGE_HIST:CHANGE_HIST + 7], torch.eye(7)[[0] * 8].view(2, 4, 7))
+        assert feats[..., CHANGE_HIST + 7:].abs().sum() == 0  # statistics, speed and lighting vanish
+
+    def test_faster_motion_changes_more_of_the_frame(self):
+        slow, fast = frame_difference_features(_moving_square(3, 1)), frame_difference_features(_moving_square(3, 3))
+        assert fast[0, 1, MEAN_CHANGE] > slow[0, 1, MEAN_CHANGE] > 0
+        assert fast[0, 1, CHANGE_HIST] < slow[0, 1, CHANGE_HIST]  # fewer pixels left unchanged
+
+    def test_a_texture_moving_one_pixel_per_step_has_normal_speed_one(self):
+        ramp = torch.arange(32.0) * 3 * GREY_LEVEL  # 3 grey levels per pixel along x
+        clip = torch.stack([(ramp - t * 3 * GREY_LEVEL).expand(3, 16, 32) for t in range(3)])[None]  # shifts right
+        feats = frame_difference_features(clip)
+        torch.testing.assert_close(feats[0, :, SPEED], torch.full((3,), math.log(2.0)))
+
+    def test_steady_change_is_not_abrupt_and_jerky_change_is(self):
+        base = torch.rand(1, 1, 3, 16, 16)
+        levels = lambda steps: torch.tensor(steps)[None, :, None, None, None] * GREY_LEVEL  # noqa: E731
+        steady = frame_difference_features(base + levels([0.0, 5, 10, 15, 20]))
+        jerky = frame_difference_features(base + levels([0.0, 20, 0, 20, 0]))
+        assert steady[0, :, MEAN_ACCEL].abs().max() < 1e-4 and steady[0, :, ABRUPT].abs().max() < 1e-3
+        assert (jerky[0, 1:, MEAN_ACCEL] > 3).all() and (jerky[0, 1:, ABRUPT] > 1).all()
+
+    def test_lighting_follows_the_sign_of_a_global_brightness_change(self):
+        base = torch.rand(1, 1, 3, 16, 16)
+        brighter = frame_difference_features(base + torch.arange(3.0)[None, :, None, None, None] * 4 * GREY_LEVEL)
+        darker = frame_difference_features(base - torch.arange(3.0)[None, :, None, None, None] * 4 * GREY_LEVEL)
+        torch.testing.assert_close(brighter[0, :, LIGHTING], torch.full((3,), math.asinh(4.0)))
+        torch.testing.assert_close(darker[0, :, LIGHTING], -brighter[0, :, LIGHTING])
+
+    def test_moving_the_action_elsewhere_in_the_frame_changes_nothing(self):
+        here = _moving_square(4, 2, at=2, side=32)
+        there = torch.roll(here, shifts=(16, 8), dims=(3, 4))  # another cell, clear of the borders
+        torch.testing.assert_close(frame_difference_features(there), frame_difference_features(here))
+
+    def test_each_clip_is_described_on_its_own(self):
+        batch = torch.randn(3, 4, 3, 16, 16)
+        alone = torch.cat([frame_difference_features(batch[i:i + 1]) for i in range(3)])
+        torch.testing.assert_close(frame_difference_features(batch), alone)
+
+
 class TestAsBackbone:
     @pytest.mark.parametrize("channels, dim", [(3, RGB_DIM), (4, FLOW_DIM), (10, FLOW_DIM)])
-    def test_forward_gives_out_dim_features_for_each_stream(self, channels, dim):
+    def test_clips_give_out_dim_features_per_step_for_each_stream(self, channels, dim):
         backbone = build_backbone("hoghof", channels)
-        out = backbone(torch.randn(5, channels, 32, 32) * 0.05)
-        assert out.shape == (5, dim) and backbone.out_dim == dim and torch.isfinite(out).all()
+        out = backbone.forward_clips(torch.randn(2, 5, channels, 32, 32) * 0.05)
+        assert out.shape == (2, 5, dim) and backbone.out_dim == dim and torch.isfinite(out).all()
         assert not list(backbone.parameters())  # nothing to train or to load
+
+    def test_flow_steps_are_described_one_by_one_and_rgb_steps_need_their_clip(self):
+        flow = torch.randn(2, 3, 4, 16, 16) * 0.05
+        backbone = build_backbone("hoghof", 4)
+        torch.testing.assert_close(backbone.forward_clips(flow), backbone(flow.flatten(0, 1)).view(2, 3, -1))
+        with pytest.raises(ValueError, match="forward_clips"):
+            build_backbone("hoghof", 3)(torch.zeros(4, 3, 16, 16))
 
     def test_dtype_follows_the_input(self):
         assert build_backbone("hoghof", 4)(torch.zeros(1, 4, 8, 8, dtype=torch.float64)).dtype == torch.float64
+        clip = torch.zeros(1, 2, 3, 8, 8, dtype=torch.float64)
+        assert build_backbone("hoghof", 3).forward_clips(clip).dtype == torch.float64
 
     @pytest.mark.parametrize("kwargs, match", [({"pretrained": True}, "no weights"),
                                                ({"weights_path": "w.pth"}, "no weights"),
@@ -172,9 +266,10 @@ class TestAsBackbone:
         with pytest.raises(ValueError, match=match):
             build_backbone("hoghof", **{"in_channels": 3, **kwargs})
 
-    def test_frames_smaller_than_the_grid_are_refused(self):
+    @pytest.mark.parametrize("channels", [3, 4])
+    def test_frames_smaller_than_the_grid_are_refused(self, channels):
         with pytest.raises(ValueError, match="at least 4x4"):
-            build_backbone("hoghof", 3)(torch.zeros(1, 3, 2, 2))
+            build_backbone("hoghof", channels).forward_clips(torch.zeros(1, 2, channels, 2, 2))
 
     def test_the_head_trains_on_it_for_both_streams(self):
         cfg = ModelConfig(backbone="hoghof", flow_stack=2, lstm_layers=1, lstm_hidden=16, attention_heads=2,
