@@ -129,6 +129,7 @@ def cv(
     tta: Annotated[int, typer.Option(help=TTA_HELP)] = 1,
     goal: Annotated[Goal, typer.Option(help="Operating-point goal chosen on each fold's validation part.")] = Goal.accuracy,
     seed: Annotated[int, typer.Option(help="Seed of the folds and of training (preset only); rerun with others for repeated k-fold.")] = 0,
+    inner_folds: Annotated[int | None, typer.Option(help="Fit fusion and thresholds on out-of-fold predictions of each fold's non-test videos from K inner group folds (0 = on its validation part; default: the preset's).")] = None,
 ) -> None:
     """Cross-validate: per fold train both streams, fuse on its validation part, evaluate on the fold."""
     from fusion.pipeline import cross_validate
@@ -141,7 +142,7 @@ def cv(
 
         cfg = resolve_run_config(config)
     doc = cross_validate(store, folds, out_dir, preset.value, cfg, _parse_devices(devices), tta, epochs, goal.value,
-                         on_event=_fold_printer(), seed=seed)
+                         on_event=_fold_printer(), seed=seed, inner_folds=inner_folds)
     rows = [[m, *(f"{s[k]['mean']:.4f} ± {s[k]['std']:.4f}" for k in ("accuracy", "macro_f1", "roc_auc"))]
             for m, s in doc["summary"].items()]
     out.print(table(f"{folds}-fold cross-validation of {store}", ["model", "accuracy", "macro-F1", "ROC-AUC"], rows))
@@ -152,6 +153,8 @@ def _fold_printer():
     def on_event(event: dict) -> None:
         if event.get("event") == "fold":
             err.print(f"fold {event['fold'] + 1}/{event['folds']}: training both streams")
+        elif event.get("event") == "inner":
+            err.print(f"fold {event['fold'] + 1}: out-of-fold predictions from {event['inner_folds']} inner folds")
 
     return on_event
 

@@ -253,15 +253,24 @@ def fit_run(
     min_recall: float | None = None,
     device: str = "auto",
     out: str | Path | None = None,
+    fit_set: Mapping[str, Predictions] | None = None,
 ) -> FusionOutcome:
-    """Fit fusion on validation, write it and its comparison; see `fuse_run`."""
+    """Fit fusion on validation, write it and its comparison; see `fuse_run`.
+
+    `fit_set` (stream -> predictions; one run only) replaces the validation predictions as the set
+    fusion and every threshold are fitted on, e.g. out-of-fold predictions (fusion.oof).
+    """
     runs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(r) for r in run_dirs]
     if not runs:
         raise ValueError("fusion needs at least one run folder")
     k = check_tta(tta)
     cfg = _fusion_config(goal, min_recall)
+    if fit_set is not None and len(runs) != 1:
+        raise ValueError("a fit set replaces the validation predictions of one run, not of an ensemble")
     if len(runs) == 1:
         val, test = run_predictions(runs[0], k, device)
+        if fit_set is not None:
+            val = {s: fit_set[s] for s in STREAMS}
         _check_val(val)
         model = fit_fusion(val, cfg)
         path = save_fusion(model, Path(out) if out else runs[0] / "fusion.json")
@@ -286,6 +295,7 @@ def fit_run(
     name = "fused" if isinstance(model, FusionModel) else "ensemble"
     comparison = compare_candidates(val, test, fused, float(model.threshold), cfg, name)
     doc = {"tta": k, "goal": cfg.goal, "min_recall": cfg.min_recall, "runs": [str(r) for r in runs],
+           "fitted_on": "validation" if fit_set is None else "out-of-fold",
            "model": str(path), "fallback_reason": getattr(model, "fallback_reason", None), **comparison}
     write_atomic(path.with_name(path.stem + "_comparison.json"), json.dumps(doc, indent=2) + "\n")
     return FusionOutcome(model, path, val, test, comparison, k)
@@ -328,8 +338,9 @@ def evaluate_run(
     goal: str = "accuracy",
     min_recall: float | None = None,
     device: str = "auto",
+    fit_set: Mapping[str, Predictions] | None = None,
 ) -> dict[str, Any]:
-    """Fuse on validation, evaluate RGB, flow and fused on test; write the report to RUN/eval/.
+    """Fuse on validation (or on `fit_set`, see `fit_run`), evaluate RGB, flow and fused on test; write RUN/eval/.
 
     Returns {"metrics": {"rgb", "flow", "fused"} -> compute_metrics dict, "report": report.md path,
     "eval_dir", "tta", "fallback_reason", "fusion_method" ("learned", "single", "tsn"; None for an
@@ -338,7 +349,7 @@ def evaluate_run(
     from fusion.report import write_report
 
     run = check_run(run_dir)
-    outcome = fit_run(run, tta, goal, min_recall, device)
+    outcome = fit_run(run, tta, goal, min_recall, device, fit_set=fit_set)
     cfg = _fusion_config(goal, min_recall)
     test = align_all(outcome.test)
     results: dict[str, dict] = {}
@@ -368,6 +379,7 @@ def evaluate_run(
         "fallback_reason": outcome.fallback_reason,
         "fusion_method": getattr(outcome.model, "method", None),
         "comparison": outcome.comparison,
+        "n_fit": len(outcome.val["rgb"]),
     }
 
 
@@ -466,6 +478,7 @@ def cross_validate(
     min_recall: float | None = None,
     on_event: Event | None = None,
     seed: int = 0,
+    inner_folds: int | None = None,
 ) -> dict[str, Any]:
     """Stratified group k-fold: per fold train both streams, fuse on its val part, evaluate on its test fold.
 
@@ -473,10 +486,15 @@ def cross_validate(
     with the preset's settings first (OUT/manifest.csv, resumable). No source recording is in two folds; each round's validation part is carved from the
     training folds by group (data.splits.fold_split). `config` (a streams RunConfig) replaces the
     preset's training config. `seed` (the preset's; a `config` keeps its own) draws the folds
-    and seeds training: repeated with other seeds, it is repeated k-fold cross-validation. Writes
-    OUT/fold<k>/ runs, OUT/cv.json and OUT/cv.md; returns the
+    and seeds training: repeated with other seeds, it is repeated k-fold cross-validation.
+    `inner_folds` K >= 2 (None: the preset's, lowered or off where the data or `tta` rule it out;
+    0: off) fits fusion and every threshold on
+    out-of-fold predictions of each fold's non-test videos from K inner group folds (fusion.oof)
+    instead of on its validation part; test predictions still come from the fold's final models.
+    Writes OUT/fold<k>/ runs, OUT/cv.json and OUT/cv.md; returns the
     summary {"folds": [...], "summary": {model: {metric: {"mean", "std"}}}}.
     """
+    from fusion.oof import check_inner_folds, fitted_on, out_of_fold
     from fusion.presets import train_devices
 
     store = Path(store)
@@ -484,6 +502,9 @@ def cross_validate(
         raise ValueError(f"--folds must be at least 2, got {folds}")
     k = check_tta(tta)
     chosen = _preset(preset)
+    n_inner = check_inner_folds(chosen.inner_folds if inner_folds is None else inner_folds)
+    if n_inner and k > 1 and inner_folds is not None:
+        raise ValueError("--inner-folds fits on single-view out-of-fold predictions; use it with --tta 1")
     if store.is_dir() or store.suffix.lower() == ".csv":  # a dataset: index and extract it first
         Path(out).mkdir(parents=True, exist_ok=True)
         store = prepare_store(store, Path(out), chosen)
@@ -499,6 +520,10 @@ def cross_validate(
     base = config if config is not None else chosen.run_config(epochs, seed=seed)
     if config is not None and epochs is not None:
         base = replace(base, train=replace(base.train, epochs=epochs))
+    if n_inner and inner_folds is None:  # the preset's K adapts to the data and settings; an asked-for K is checked
+        n_inner = _preset_inner_folds(store, base, folds, n_inner, k)
+    elif n_inner:
+        _check_inner(store, base, folds, n_inner)
     devices = list(devices or train_devices(chosen))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -510,11 +535,17 @@ def cross_validate(
             on_event({"event": "fold", "fold": fold, "folds": folds})
         try:
             train_run(store, fold_dir, cfg, devices, on_event)
-            result = evaluate_run(fold_dir, k, goal, min_recall)
+            fit_set = None
+            if n_inner:
+                if on_event is not None:
+                    on_event({"event": "inner", "fold": fold, "inner_folds": n_inner})
+                fit_set = out_of_fold(store, fold_dir, n_inner, devices)
+            result = evaluate_run(fold_dir, k, goal, min_recall, fit_set=fit_set)
         except ValueError as exc:
             raise ValueError(f"fold {fold} of {folds}: {exc}") from None
         rows.append({"fold": fold, "run": str(fold_dir), "fallback_reason": result["fallback_reason"],
-                     "fusion_method": result["fusion_method"],
+                     "fusion_method": result["fusion_method"], "fitted_on": fitted_on(fit_set),
+                     "n_fit": result["n_fit"],
                      **{m: {name: _pick(result["metrics"][m], keys) for name, keys in _CV_METRICS}
                         for m in ("rgb", "flow", "fused")},
                      "n_test": result["metrics"]["fused"]["n"]})
@@ -522,20 +553,52 @@ def cross_validate(
     summary = {m: {name: _mean_std([r[m][name] for r in rows]) for name, _ in _CV_METRICS}
                for m in ("rgb", "flow", "fused")}
     doc = {"store": str(store.resolve()), "folds": folds, "tta": k, "goal": goal, "preset": chosen.name,
-           "seed": base.train.seed, "rounds": rows, "summary": summary}
+           "seed": base.train.seed, "inner_folds": n_inner, "rounds": rows, "summary": summary}
     write_atomic(out / "cv.json", json.dumps(doc, indent=2) + "\n")
     write_atomic(out / "cv.md", _cv_markdown(doc))
     return doc
 
 
+def _preset_inner_folds(store: Path, base, folds: int, wanted: int, tta: int) -> int:
+    """The preset's inner fold count where it applies: at most `wanted`, no more than every outer
+    fold's non-test part has recordings of each class; 0 with TTA views or fine-tuning."""
+    if tta > 1 or base.train.stage != "head":
+        return 0
+    for n_inner in range(wanted, 1, -1):
+        try:
+            _check_inner(store, base, folds, n_inner)
+        except ValueError:
+            continue
+        if n_inner < wanted:
+            logger.info("inner folds: %d (the preset's %d would leave a class out of an inner part)", n_inner, wanted)
+        return n_inner
+    logger.info("inner folds: off (too few recordings per class outside a test fold)")
+    return 0
+
+
+def _check_inner(store: Path, base, folds: int, n_inner: int) -> None:
+    """Every outer fold's non-test part can be split into `n_inner` group folds; raised before anything trains."""
+    from fusion.oof import inner_folds
+
+    if base.train.stage != "head":
+        raise ValueError("--inner-folds retrains each stream's head on cached features, so it needs head-only "
+                         f"training (stage = head), not stage = {base.train.stage}; or use --inner-folds 0")
+    for fold in range(folds):
+        inner_folds(store, replace(base.train, fold=f"{fold}/{folds}"), n_inner)
+
+
 def _cv_markdown(doc: Mapping) -> str:
     names = [name for name, _ in _CV_METRICS]
+    n_inner = doc.get("inner_folds") or 0
+    fitted = (f"out-of-fold predictions of all its non-test videos ({n_inner} inner group folds, each "
+              f"stream's head retrained per inner fold; the test videos never enter them)" if n_inner
+              else "a validation part carved from them by group")
     lines = [
         f"# Cross-validation: {doc['folds']} folds",
         "",
         f"Store: {doc['store']}. Stratified group k-fold (no source recording in two folds); per "
-        f"fold both streams train on the other folds, fusion is fitted on a validation part carved "
-        f"from them by group, and every figure is on the held-out fold. TTA views: {doc['tta']}.",
+        f"fold both streams train on the other folds, fusion and the operating thresholds are fitted "
+        f"on {fitted}, and every figure is on the held-out fold. TTA views: {doc['tta']}.",
         "",
         "| model | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),
@@ -543,13 +606,15 @@ def _cv_markdown(doc: Mapping) -> str:
     for m, stats in doc["summary"].items():
         cells = [f"{s['mean']:.4f} ± {s['std']:.4f}" for s in (stats[n] for n in names)]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "## Per fold", "", "| fold | videos | rgb | flow | fused | note |", "|---:|---:|---:|---:|---:|---|"]
+    lines += ["", "## Per fold", "", "| fold | videos | rgb | flow | fused | fitted on | note |",
+              "|---:|---:|---:|---:|---:|---|---|"]
     for r in doc["rounds"]:
         method = r.get("fusion_method")
         note = ("fixed TSN weights" if method == "tsn" else "one stream" if method == "single"
                 else "fallback to one stream" if r.get("fallback_reason") else "")
+        fit = f"{'out-of-fold' if n_inner else 'validation'} ({r.get('n_fit', '?')} videos)"
         lines.append(f"| {r['fold']} | {r['n_test']} | {r['rgb']['accuracy']:.4f} | {r['flow']['accuracy']:.4f} "
-                     f"| {r['fused']['accuracy']:.4f} | {note} |")
+                     f"| {r['fused']['accuracy']:.4f} | {fit} | {note} |")
     return "\n".join(lines) + "\n"
 
 

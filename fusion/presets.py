@@ -58,6 +58,7 @@ class Preset:
     metric: str  # val metric picking best.pt: "accuracy", "f1", "auc" or "loss"
     weight_decay: float  # AdamW decoupled weight decay of the head
     tta: int  # test-time views per video and stream at evaluation
+    inner_folds: int  # cv: inner group folds whose out-of-fold predictions fit fusion and thresholds; 0 = the val part
 
     def run_config(self, epochs: int | None = None, seed: int = 0):
         """The training config of this preset (`epochs` overrides the stage-1 epochs)."""
@@ -143,6 +144,7 @@ CPU = Preset(
     metric="loss",
     weight_decay=0.01,
     tta=1,
+    inner_folds=4,
 )
 
 GPU = Preset(
@@ -175,6 +177,7 @@ GPU = Preset(
     metric="accuracy",
     weight_decay=1e-4,
     tta=5,
+    inner_folds=0,
 )
 
 

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cli.app import app
@@ -25,13 +24,7 @@ def _one_line_error(res, *fragments):
     return errors[0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine, two spinning threads make tiny convolutions 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_fuse_prints_the_comparison(tmp_path):
@@ -93,6 +86,21 @@ def test_cv_with_more_folds_than_groups(tmp_path):
                     dict(label=i % 2, group=f"rec{i // 2}", source_path=f"/v{i}.mp4", source_fps=10.0,
                          source_size=[16, 16], flow_method="synthetic"))
     _one_line_error(_run("cv", store, "--out", tmp_path / "cv", "--folds", "4"), "3 source recordings")
+
+
+@pytest.mark.parametrize("k, message", [("1", "--inner-folds must be 0 (off) or at least 2"),
+                                        ("5", "--inner-folds 5 is more than the 4 recordings with")])
+def test_cv_with_bad_inner_folds(tmp_path, k, message):
+    store = tmp_path / "s.h5"
+    rng = np.random.default_rng(0)
+    with StoreWriter(store, flow_codec="float16") as w:
+        for i in range(12):  # 6 recordings of both classes: 3 folds leave 4 outside each test fold
+            rgb = rng.integers(0, 255, (3, 16, 16, 3), dtype=np.uint8)
+            w.write(f"v{i:02d}", rgb, np.zeros((2, 16, 16, 2), np.float32),
+                    dict(label=i % 2, group=f"rec{i // 2}", source_path=f"/v{i}.mp4", source_fps=10.0,
+                         source_size=[16, 16], flow_method="synthetic"))
+    _one_line_error(_run("cv", store, "--out", tmp_path / "cv", "--folds", "3", "--preset", "cpu",
+                         "--inner-folds", k), message)
 
 
 def test_cv_missing_store(tmp_path):

@@ -129,13 +129,7 @@ def test_evaluate_writes_every_artefact(tmp_path):
     assert "fused" in (eval_dir / "report.md").read_text()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine, two spinning threads make tiny convolutions 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # --- TTA over a real (tiny) model ---------------------------------------------------------------
 
@@ -241,7 +235,7 @@ def test_cross_validation_rounds_hold_out_whole_recordings(tmp_path, monkeypatch
         return {"rgb": "trained", "flow": "trained"}
 
     monkeypatch.setattr(pipeline, "train_run", fake_train)
-    doc = cross_validate(store, folds=4, out=tmp_path / "cv", preset=CPU)
+    doc = cross_validate(store, folds=4, out=tmp_path / "cv", preset=CPU, inner_folds=0)
     assert trained == ["0/4", "1/4", "2/4", "3/4"]
     # Every video is tested exactly once, and a recording never in two test folds.
     tested = [json.loads((tmp_path / "cv" / f"fold{k}" / "eval" / "metrics.json").read_text()) for k in range(4)]
@@ -282,7 +276,7 @@ def test_cross_validation_of_a_dataset_folder_indexes_and_extracts_it_first(tmp_
         return {"rgb": "trained", "flow": "trained"}
 
     monkeypatch.setattr(pipeline, "train_run", fake_train)
-    doc = cross_validate(data, folds=2, out=tmp_path / "cv", preset=CPU)
+    doc = cross_validate(data, folds=2, out=tmp_path / "cv", preset=CPU, inner_folds=0)
     store = tmp_path / "cv" / "store.h5"
     assert set(seen) == {store} and (tmp_path / "cv" / "manifest.csv").is_file()
     with Store(store) as s:

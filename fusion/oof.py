@@ -1,0 +1,244 @@
+"""Out-of-fold predictions of a cross-validation fold's non-test part: what fusion and thresholds are fitted on.
+
+A fold's validation part is a handful of videos on a small dataset, too few to place a threshold
+or to learn fusion weights. Stacking (nested cross-validation) gives every non-test video a
+prediction instead: the non-test videos (the fold's train and val parts) are split into K
+stratified group folds (`data.splits.group_kfold`, so no recording is in two), each stream's head
+is trained K times on K-1 of them and predicts the one held out. The test videos never enter.
+
+The inner heads repeat the fold's final head as closely as they can without seeing the videos they
+predict: the final run's saved config and cached features, and the epoch its best.pt holds (chosen
+on the fold's validation part). Picking each inner head's epoch on its held-out part instead would
+fit the epoch to exactly the videos whose predictions then fit fusion and thresholds, so they would
+look better than the test predictions of the final model they stand in for. The inner training
+loop evaluates a few of its own training videos only because `fit_stage` needs a validation set;
+with the epoch fixed and no early stopping that evaluation decides nothing.
+
+Written per fold: `FOLD/<stream>/predictions_oof.csv` (as predictions_val.csv) and `FOLD/oof.json`
+(K, seed, the epoch per stream and the inner fold of every video), reused while best.pt is older.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fusion.predictions import Predictions, read_predictions, write_atomic, write_predictions
+
+logger = logging.getLogger(__name__)
+
+STREAMS = ("rgb", "flow")
+OOF_SPLIT = "oof"
+_META = "oof.json"
+
+
+@dataclass(frozen=True)
+class InnerFolds:
+    """The non-test videos of one outer fold and their inner group fold. Shape: every field (N,)."""
+
+    video_ids: np.ndarray  # (N,) str, the fold's train + val videos in store order
+    labels: np.ndarray  # (N,) int64, 1 = violent
+    groups: np.ndarray  # (N,) str, source recording
+    folds: np.ndarray  # (N,) int64 in 0..K-1
+
+    @property
+    def k(self) -> int:
+        return int(self.folds.max()) + 1
+
+
+def check_inner_folds(inner_folds: int) -> int:
+    """K itself: 0 (off) or at least 2."""
+    if isinstance(inner_folds, bool) or not isinstance(inner_folds, (int, np.integer)) or inner_folds < 0 \
+            or inner_folds == 1:
+        raise ValueError(f"--inner-folds must be 0 (off) or at least 2, got {inner_folds}")
+    return int(inner_folds)
+
+
+def inner_folds(store: str | Path, train_cfg, k: int) -> InnerFolds:
+    """K stratified group folds over the non-test videos of the outer fold `train_cfg.fold`.
+
+    Raises ValueError when a class is in fewer than K recordings of the non-test part (an inner
+    training part could then lack it).
+    """
+    from data.splits import group_kfold
+    from streams.launch import split_ids
+    from streams.train import parse_fold
+
+    check_inner_folds(k)
+    ids = split_ids(store, train_cfg)
+    non_test = ids["train"] + ids["val"]
+    labels, groups = _labels_groups(store, non_test)
+    where = f"fold {parse_fold(train_cfg.fold)[0]}'s non-test part" if train_cfg.fold else "the non-test part"
+    for label, name in ((1, "violent"), (0, "non-violent")):
+        n = len(np.unique(groups[labels == label]))
+        if k > n:
+            raise ValueError(f"--inner-folds {k} is more than the {n} recordings with {name} videos in {where}; "
+                             f"use at most {n}")
+    # Seeded by the run's seed: the same K parts for both streams and on a rerun.
+    folds = group_kfold(labels, groups, k, seed=train_cfg.seed)
+    order = np.argsort(np.asarray(non_test, dtype=str), kind="stable")
+    return InnerFolds(np.asarray(non_test, dtype=str)[order], labels[order], groups[order], folds[order])
+
+
+def _labels_groups(store: str | Path, video_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    from data.store import Store
+
+    with Store(store) as s:
+        attrs = [s.attrs(v) for v in video_ids]
+    labels = np.array([int(a["label"]) for a in attrs], np.int64)
+    groups = np.array([str(a.get("group") or v) for a, v in zip(attrs, video_ids, strict=True)])
+    return labels, groups
+
+
+def oof_path(fold_dir: str | Path, stream: str) -> Path:
+    return Path(fold_dir) / stream / f"predictions_{OOF_SPLIT}.csv"
+
+
+def out_of_fold(
+    store: str | Path, fold_dir: str | Path, k: int, devices: Sequence[str] = ("cpu", "cpu")
+) -> dict[str, Predictions]:
+    """stream -> out-of-fold predictions of every non-test video of the trained fold run `fold_dir`.
+
+    Written to FOLD/<stream>/predictions_oof.csv and FOLD/oof.json; reused when both are there for
+    the same K and newer than the streams' best.pt.
+    """
+    from streams.rundir import RunDir
+
+    fold_dir = Path(fold_dir)
+    runs = {s: RunDir(fold_dir, s) for s in STREAMS}
+    cfgs = {s: runs[s].read_config() for s in STREAMS}  # stream -> (RunConfig, [run] table)
+    split = inner_folds(store, cfgs["rgb"][0].train, k)
+    cached = _cached(fold_dir, split)
+    if cached is not None:
+        return cached
+    epochs, out = {}, {}
+    for i, stream in enumerate(STREAMS):
+        cfg, info = cfgs[stream]
+        best = runs[stream].load_checkpoint("best")
+        if best.get("module") != "head":
+            raise ValueError(f"--inner-folds retrains heads on cached features; {runs[stream].path} was fine-tuned "
+                             "end to end (stage 2): use head-only training (stage = head) or --inner-folds 0")
+        epochs[stream] = int(best["epoch"])
+        device = _device(devices[i] if i < len(devices) else "auto")
+        ids, labels, logits = [], [], []
+        for fold in range(split.k):
+            held = split.folds == fold
+            logger.info("%s: inner fold %d/%d, %d held-out videos", stream, fold + 1, split.k, int(held.sum()))
+            z = train_inner_head(Path(info["features"]), cfg, split.video_ids[~held].tolist(),
+                                 split.video_ids[held].tolist(), epochs[stream], device)
+            ids += split.video_ids[held].tolist()
+            labels.append(split.labels[held])
+            logits.append(z)
+        write_predictions(oof_path(fold_dir, stream), ids, np.concatenate(labels), np.concatenate(logits))
+        out[stream] = read_predictions(oof_path(fold_dir, stream))
+    meta = {"inner_folds": split.k, "seed": cfgs["rgb"][0].train.seed, "epoch": epochs,
+            "fold_of": {v: int(f) for v, f in zip(split.video_ids, split.folds, strict=True)},
+            "group_of": {v: str(g) for v, g in zip(split.video_ids, split.groups, strict=True)}}
+    write_atomic(fold_dir / _META, json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _device(name: str) -> torch.device:
+    from flow.devices import resolve_device
+
+    return resolve_device(name)
+
+
+def _cached(fold_dir: Path, split: InnerFolds) -> dict[str, Predictions] | None:
+    meta_path = fold_dir / _META
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    same = meta.get("fold_of") == {v: int(f) for v, f in zip(split.video_ids, split.folds, strict=True)}
+    fresh = all(oof_path(fold_dir, s).is_file() and meta_path.stat().st_mtime >= (fold_dir / s / "best.pt").stat().st_mtime
+                for s in STREAMS)
+    if not (same and fresh):
+        return None
+    logger.info("%s: reusing out-of-fold predictions", fold_dir)
+    return {s: read_predictions(oof_path(fold_dir, s)) for s in STREAMS}
+
+
+class _EpochReached(Exception):
+    """Ends an inner head's training once the epoch it is taken at has been snapshotted."""
+
+
+def train_inner_head(
+    features: Path, cfg, train_ids: list[str], heldout_ids: list[str], epoch: int, device: torch.device
+) -> np.ndarray:
+    """Logits (len(heldout_ids),) float64 of a head trained on `train_ids` as `cfg` trains, taken after `epoch`.
+
+    The run's learning-rate schedule is kept (its total epochs are not cut); training stops once
+    `epoch` (0-based) is done, since later epochs cannot change the model taken.
+    """
+    from streams.features import FeatureDataset
+    from streams.heads import build_head
+    from streams.launch import head_param_groups, make_optimizer
+    from streams.losses import build_loss
+    from streams.train import (
+        EpochSampler,
+        FeatureBank,
+        fit_stage,
+        predict,
+        resolve_precision,
+        use_fused_lstm,
+    )
+
+    t = replace(cfg.train, patience=0)  # a fixed epoch: nothing is chosen on validation
+    train_ds = FeatureDataset(features, train_ids, train=True, seed=t.seed)
+    bank = FeatureBank(train_ds)
+    sampler = EpochSampler(train_ds.labels, t.seed, t.sampler, t.minority_share)
+    # fit_stage wants a validation set; a few training videos stand in, and decide nothing.
+    nominal = FeatureBank(FeatureDataset(features, train_ids[: t.batch_size]))
+    held = FeatureBank(FeatureDataset(features, heldout_ids))
+
+    def train_batches(ep: int):
+        sampler.set_epoch(ep)
+        return bank.batches(sampler.indices(), t.batch_size, ep)
+
+    # Seeded as streams.launch seeds the final head: its weights from a fork, dropout from the seed itself.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.seed)
+        with torch.random.fork_rng(devices=[]):
+            head = build_head(cfg.model, train_ds.feature_dim)
+        if device.type == "cpu":
+            use_fused_lstm(head)
+        head.to(device)
+        optimizer = make_optimizer(head_param_groups(head, cfg.optim.stage_lr(1), cfg.optim.weight_decay), cfg.optim)
+        loss_fn = build_loss(cfg.loss, train_ds.labels).to(device)
+        precision = resolve_precision(t.amp, device)
+        taken: dict = {}
+
+        def on_event(event: dict) -> None:
+            if event.get("event") == "epoch" and event["epoch"] == epoch:
+                taken.update(copy.deepcopy(head.state_dict()))
+                raise _EpochReached
+
+        try:
+            fit_stage(head, train_batches, lambda: nominal.batches(np.arange(len(nominal)), t.batch_size), loss_fn,
+                      optimizer, stage=1, steps_per_epoch=-(-len(sampler) // t.batch_size), cfg=t, optim=cfg.optim,
+                      device=device, precision=precision, on_event=on_event)
+        except _EpochReached:
+            pass
+        if not taken:
+            raise ValueError(f"the head was to be taken after epoch {epoch}, but training has only "
+                             f"{t.epochs} epochs")
+        head.load_state_dict(taken)
+        ids, _, logits, _ = predict(head, held.batches(np.arange(len(held)), t.batch_size), device, precision)
+    if ids != list(heldout_ids):
+        raise RuntimeError("inner-fold predictions came back in another order than the held-out videos")
+    return logits
+
+
+def fitted_on(fit_set: Mapping[str, Predictions] | None) -> str:
+    """Which set fusion and thresholds were fitted on, in words for reports."""
+    if fit_set is None:
+        return "validation part"
+    n = len(next(iter(fit_set.values())))
+    return f"out-of-fold predictions of the {n} non-test videos"

@@ -1,0 +1,288 @@
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import fusion.oof as oof
+from data.clips import ClipConfig, video_ids_for_split
+from data.store import Store, StoreWriter
+from fusion.oof import check_inner_folds, inner_folds, out_of_fold, train_inner_head
+from fusion.predictions import Predictions, load_split, read_predictions, write_predictions
+from streams.config import ModelConfig, OptimConfig
+from streams.features import features_path
+from streams.launch import train_stream
+from streams.rundir import RunConfig, RunDir
+from streams.train import TrainConfig, parse_fold
+
+STEPS, DIM = 4, 16
+TINY = ModelConfig(lstm_layers=1, lstm_hidden=8, attention_heads=2, dense_units=(8,), dropout=0.0, lstm_dropout=0.0)
+RECORDINGS, PER_RECORDING = 12, 4
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _label(i: int) -> int:
+    """Recordings 0-7 hold both classes; 8-9 only violent, 10-11 only non-violent videos."""
+    rec, j = divmod(i, PER_RECORDING)
+    return j % 2 if rec < 8 else int(rec < 10)
+
+
+def make_store(folder: Path, seed: int = 0) -> Path:
+    """A store of 48 videos from 12 recordings, and per stream a features file with separable classes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    store = folder / "s.h5"
+    n = RECORDINGS * PER_RECORDING
+    ids, labels = [f"v{i:02d}" for i in range(n)], [_label(i) for i in range(n)]
+    with StoreWriter(store, flow_codec="float16", root_attrs={"flow_method": "synthetic"}, threads=1) as w:
+        for i, (vid, label) in enumerate(zip(ids, labels, strict=True)):
+            w.write(vid, np.full((3, 16, 16, 3), 40 * label, np.uint8), np.zeros((2, 16, 16, 2), np.float32),
+                    dict(label=label, group=f"rec{i // PER_RECORDING:02d}", source_path=f"/v/{vid}.mp4",
+                         source_fps=10.0, source_size=[16, 16], flow_method="synthetic"))
+    rng = np.random.default_rng(seed)
+    clip = json.dumps(ClipConfig(steps=STEPS, flow_stack=ModelConfig().flow_stack).to_dict(), sort_keys=True)
+    for stream in ("rgb", "flow"):
+        with h5py.File(features_path(store, stream, "vgg19"), "w") as f:
+            f.attrs.update({"stream": stream, "backbone": "vgg19", "clip": clip, "augment": "{}", "views": 2,
+                            "minority_views": 2, "minority_label": 0, "seed": 0, "pretrained": False,
+                            "weights_path": "", "store": str(store.resolve()), "store_flow": "{}",
+                            "schema_version": 1, "feature_dim": DIM})
+            videos = f.create_group("videos")
+            for vid, label in zip(ids, labels, strict=True):
+                x = rng.normal(size=(2, STEPS, DIM)).astype(np.float32)
+                x[..., :4] += 1.0 * label
+                g = videos.create_group(vid)
+                g.create_dataset("features", data=x.astype(np.float16))
+                g.create_dataset("index", data=np.zeros((2, STEPS), np.int64))
+                g.attrs["label"] = label
+                g.attrs["views"] = 2
+    return store
+
+
+def tiny_config(fold: str = "0/3", seed: int = 0) -> RunConfig:
+    train = TrainConfig(stage="head", epochs=5, batch_size=8, steps=STEPS, num_workers=0, patience=0, threads=1,
+                        fold=fold, seed=seed, metric="loss")
+    return RunConfig(train=train, model=TINY, optim=OptimConfig(lr=1e-2, warmup_fraction=0.0))
+
+
+@pytest.fixture(scope="module")
+def fold_run(tmp_path_factory):
+    """A store and one outer fold (0 of 3) with both streams' heads trained as `cross_validate` trains them."""
+    root = tmp_path_factory.mktemp("oof")
+    store = make_store(root)
+    for stream in ("rgb", "flow"):
+        train_stream(store, stream, root / "fold0", tiny_config(), "cpu")
+    return store, root / "fold0"
+
+
+def _group(video_id: str) -> str:
+    return f"rec{int(video_id[1:]) // PER_RECORDING:02d}"
+
+
+@pytest.mark.parametrize("k, ok", [(0, True), (2, True), (7, True), (1, False), (-2, False), (True, False), (2.0, False)])
+def test_inner_fold_count(k, ok):
+    if ok:
+        assert check_inner_folds(k) == k
+    else:
+        with pytest.raises(ValueError, match="--inner-folds must be 0 .off. or at least 2"):
+            check_inner_folds(k)
+
+
+def test_inner_folds_split_the_non_test_part_by_recording(tmp_path):
+    store = make_store(tmp_path)
+    cfg = tiny_config("1/3").train
+    ids = video_ids_for_split(store, fold=parse_fold(cfg.fold), seed=cfg.seed)
+    split = inner_folds(store, cfg, 3)
+    assert sorted(split.video_ids) == sorted(ids["train"] + ids["val"])  # every non-test video once
+    assert not set(split.video_ids) & set(ids["test"])
+    assert split.k == 3 and set(split.folds) == {0, 1, 2}
+    for g in np.unique(split.groups):
+        assert len(set(split.folds[split.groups == g])) == 1, g  # a recording in one inner fold only
+    assert all(split.groups[i] == _group(v) for i, v in enumerate(split.video_ids))
+    for f in range(3):  # each inner training part holds both classes
+        assert set(split.labels[split.folds != f]) == {0, 1}
+
+
+def test_more_inner_folds_than_recordings_of_a_class(tmp_path):
+    store = make_store(tmp_path)
+    cfg = tiny_config("0/3").train
+    split = inner_folds(store, cfg, 2)
+    n_violent = len(np.unique(split.groups[split.labels == 1]))
+    n_calm = len(np.unique(split.groups[split.labels == 0]))
+    k = min(n_violent, n_calm) + 1
+    with pytest.raises(ValueError, match=rf"--inner-folds {k} is more than the \d+ recordings with .*fold 0's "
+                                         rf"non-test part; use at most {k - 1}"):
+        inner_folds(store, cfg, k)
+
+
+def test_out_of_fold_predictions_cover_the_non_test_part_once(fold_run, monkeypatch):
+    store, fold_dir = fold_run
+    calls = []
+    real = oof.train_inner_head
+
+    def spy(features, cfg, train_ids, heldout_ids, epoch, device):
+        calls.append((Path(features), list(train_ids), list(heldout_ids), epoch))
+        return real(features, cfg, train_ids, heldout_ids, epoch, device)
+
+    monkeypatch.setattr(oof, "train_inner_head", spy)
+    preds = out_of_fold(store, fold_dir, 3, ("cpu", "cpu"))
+    ids = video_ids_for_split(store, fold=(0, 3), seed=0)
+    non_test, test = set(ids["train"] + ids["val"]), set(ids["test"])
+    assert len(calls) == 2 * 3  # K heads per stream
+    for stream in ("rgb", "flow"):
+        p = preds[stream]
+        assert sorted(p.video_ids) == sorted(non_test)
+        with Store(store) as s:
+            assert list(p.labels) == [s.label(v) for v in p.video_ids]
+        assert read_predictions(fold_dir / stream / "predictions_oof.csv").video_ids.tolist() == p.video_ids.tolist()
+    held_out = []
+    for i, (_, train_ids, heldout_ids, epoch) in enumerate(calls):  # rgb's K heads, then flow's
+        assert not (set(train_ids) | set(heldout_ids)) & test  # the test videos never enter an inner fold
+        assert set(train_ids) | set(heldout_ids) == non_test and not set(train_ids) & set(heldout_ids)
+        assert not {_group(v) for v in train_ids} & {_group(v) for v in heldout_ids}
+        held_out.append(frozenset(heldout_ids))
+        stream = "rgb" if i < 3 else "flow"
+        assert epoch == RunDir(fold_dir, stream).load_checkpoint("best")["epoch"]
+    rgb_parts = held_out[:3]
+    assert sorted(v for part in rgb_parts for v in part) == sorted(non_test) and held_out[3:] == rgb_parts
+    meta = json.loads((fold_dir / "oof.json").read_text())
+    assert meta["inner_folds"] == 3 and set(meta["fold_of"]) == non_test
+
+    # A second call reuses the files instead of training again.
+    monkeypatch.setattr(oof, "train_inner_head", lambda *a: pytest.fail("retrained"))
+    again = out_of_fold(store, fold_dir, 3, ("cpu", "cpu"))
+    assert np.array_equal(again["rgb"].logits, preds["rgb"].logits)
+
+
+def test_an_inner_head_repeats_the_final_heads_training(fold_run):
+    """Trained on the final head's own training part and taken at its best epoch, it gives that head's predictions."""
+    store, fold_dir = fold_run
+    run = RunDir(fold_dir, "flow")
+    cfg, info = run.read_config()
+    ids = video_ids_for_split(store, fold=(0, 3), seed=0)
+    epoch = run.load_checkpoint("best")["epoch"]
+    logits = train_inner_head(Path(info["features"]), cfg, ids["train"], ids["test"], epoch, torch.device("cpu"))
+    final = load_split(fold_dir / "flow", "test")  # sorted by video id
+    assert final.video_ids.tolist() == sorted(ids["test"])
+    np.testing.assert_allclose(np.asarray(logits)[np.argsort(ids["test"])], final.logits, atol=1e-5)
+
+
+def test_out_of_fold_refuses_a_fine_tuned_run(fold_run, tmp_path):
+    import shutil
+
+    store, fold_dir = fold_run
+    copy = tmp_path / "fold"
+    shutil.copytree(fold_dir, copy)
+    (copy / "oof.json").unlink(missing_ok=True)
+    rd = RunDir(copy, "rgb")
+    best = rd.load_checkpoint("best")
+    rd.save_checkpoint("best", {**best, "module": "model"})
+    with pytest.raises(ValueError, match="stage = head"):
+        out_of_fold(store, copy, 3)
+
+
+# --- cross-validation with inner folds ----------------------------------------------------------
+
+
+def _fake_train(store_path, out, cfg, devices, on_event=None):
+    """Stand-in for training: streams whose logits follow the labels, on the fold's own split."""
+    ids = video_ids_for_split(store_path, fold=parse_fold(cfg.train.fold), seed=cfg.train.seed)
+    with Store(store_path) as s:
+        for split in ("val", "test"):
+            y = np.array([s.label(v) for v in ids[split]])
+            for k, stream in enumerate(("rgb", "flow")):
+                logits = (2 * y - 1) * (1 + k) + np.random.default_rng(k).normal(0, 1, len(y))
+                write_predictions(Path(out) / stream / f"predictions_{split}.csv", ids[split], y, logits)
+    return {"rgb": "trained", "flow": "trained"}
+
+
+def _fake_oof(seen):
+    def fake(store, fold_dir, k, devices=("cpu", "cpu")):
+        """Out-of-fold predictions over the real inner split, logits following the labels."""
+        fold = int(Path(fold_dir).name.removeprefix("fold"))
+        split = inner_folds(store, TrainConfig(fold=f"{fold}/3", seed=0), k)
+        seen.append((fold, k, set(split.video_ids)))
+        rng = np.random.default_rng(fold)
+        return {s: Predictions(split.video_ids, split.labels,
+                               (2 * split.labels - 1) * (1 + j) + rng.normal(0, 1.5, len(split.labels)))
+                for j, s in enumerate(("rgb", "flow"))}
+
+    return fake
+
+
+def test_cross_validation_fits_fusion_and_thresholds_on_out_of_fold_predictions(tmp_path, monkeypatch):
+    import fusion.pipeline as pipeline
+    from fusion.presets import CPU
+
+    store = make_store(tmp_path)
+    seen = []
+    monkeypatch.setattr(pipeline, "train_run", _fake_train)
+    monkeypatch.setattr(oof, "out_of_fold", _fake_oof(seen))
+    doc = pipeline.cross_validate(store, folds=3, out=tmp_path / "cv", preset=CPU, inner_folds=3)
+    assert [(f, k) for f, k, _ in seen] == [(0, 3), (1, 3), (2, 3)]
+    assert doc["inner_folds"] == 3
+    for fold, _, non_test in seen:
+        ids = video_ids_for_split(store, fold=(fold, 3), seed=0)
+        assert not non_test & set(ids["test"])
+        comparison = json.loads((tmp_path / "cv" / f"fold{fold}" / "fusion_comparison.json").read_text())
+        assert comparison["fitted_on"] == "out-of-fold"
+        # Fusion and every threshold were fitted on the out-of-fold set, not on the val part.
+        assert comparison["val"]["rgb"]["n"] == comparison["val"]["fused"]["n"] == len(non_test)
+        assert len(non_test) > len(ids["val"])
+        assert comparison["test"]["fused"]["n"] == len(ids["test"])
+        assert doc["rounds"][fold]["n_fit"] == len(non_test)
+    assert "out-of-fold predictions" in (tmp_path / "cv" / "cv.md").read_text()
+
+
+def test_zero_inner_folds_is_the_plain_cross_validation(tmp_path, monkeypatch):
+    import fusion.pipeline as pipeline
+    from fusion.presets import CPU, with_changes
+
+    store = make_store(tmp_path)
+    monkeypatch.setattr(pipeline, "train_run", _fake_train)
+    monkeypatch.setattr(oof, "out_of_fold", lambda *a, **k: pytest.fail("inner folds with K = 0"))
+    plain = pipeline.cross_validate(store, folds=3, out=tmp_path / "a", preset=with_changes(CPU, inner_folds=0))
+    zero = pipeline.cross_validate(store, folds=3, out=tmp_path / "b", preset=CPU, inner_folds=0)
+    assert plain["summary"] == zero["summary"] and zero["inner_folds"] == 0
+    for fold in range(3):
+        ids = video_ids_for_split(store, fold=(fold, 3), seed=0)
+        assert zero["rounds"][fold]["n_fit"] == len(ids["val"])
+        comparison = json.loads((tmp_path / "b" / f"fold{fold}" / "fusion_comparison.json").read_text())
+        assert comparison["fitted_on"] == "validation"
+
+
+@pytest.mark.parametrize("options, message", [({"inner_folds": 1}, "at least 2"),
+                                              ({"inner_folds": 3, "tta": 2}, "--tta 1"),
+                                              ({"inner_folds": 9}, "recordings with")])
+def test_cross_validation_refuses_bad_inner_folds_before_training(tmp_path, monkeypatch, options, message):
+    import fusion.pipeline as pipeline
+    from fusion.presets import CPU
+
+    store = make_store(tmp_path)
+    monkeypatch.setattr(pipeline, "train_run", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ValueError, match=message):
+        pipeline.cross_validate(store, folds=3, out=tmp_path / "cv", preset=CPU, **options)
+
+
+def test_the_presets_inner_folds_adapt_to_the_data_and_settings(tmp_path, monkeypatch):
+    # An asked-for K that does not fit is refused (above); the preset's own K is lowered to the
+    # most every outer fold allows, and turned off where it cannot apply (TTA views).
+    import fusion.pipeline as pipeline
+    from fusion.presets import CPU, with_changes
+
+    store = make_store(tmp_path)
+    seen = []
+    monkeypatch.setattr(pipeline, "train_run", _fake_train)
+    monkeypatch.setattr(oof, "out_of_fold", _fake_oof(seen))
+    doc = pipeline.cross_validate(store, folds=3, out=tmp_path / "cv", preset=with_changes(CPU, inner_folds=9))
+    ks = {k for _, k, _ in seen}
+    assert len(ks) == 1 and 2 <= doc["inner_folds"] == ks.pop() < 9
+    with pytest.raises(ValueError, match="recordings with"):  # one more than that does not fit
+        pipeline.cross_validate(store, folds=3, out=tmp_path / "x", preset=CPU, inner_folds=doc["inner_folds"] + 1)
+
+    base = CPU.run_config()
+    assert pipeline._preset_inner_folds(store, base, 3, 4, tta=1) == min(4, doc["inner_folds"])
+    assert pipeline._preset_inner_folds(store, base, 3, 4, tta=2) == 0
