@@ -5,9 +5,10 @@
     python benchmarks/flow_bench.py --quick               # 224x224 only, batch 1 and 8
 
 Speed: pairs/s over `--pairs` synthetic pairs per row (after a warm-up call of the same shape, so
-compilation is not timed), peak memory (CUDA: max allocated; CPU: process peak RSS). Accuracy:
-mean end-point error on synthetic ground truth (a textured image warped by a known smooth field,
-flow/groundtruth.py) at each size, and on the FlyingChairs pairs when the folder is present.
+compilation is not timed; the best of `--repeats` runs), peak memory (CUDA: max allocated; CPU:
+process peak RSS). Accuracy: mean end-point error on synthetic ground truth (a textured image
+warped by a known smooth field, flow/groundtruth.py) at each size, and on the FlyingChairs pairs
+when the folder is present.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def bench_rows(args, device: torch.device) -> list[dict]:
                     est(prev[: min(batch, n)], nxt[: min(batch, n)])  # warm-up: compile, thread pools
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
-                    seconds = _time(est, prev[:n], nxt[:n], device)
+                    seconds = min(_time(est, prev[:n], nxt[:n], device) for _ in range(args.repeats))
                     rows.append({"method": method, "backend": est.backend, "device": str(device), "size": f"{h}x{w}",
                                  "batch": batch if backend == "torch" else f"{cpu_count()} thr", "pairs_s": n / seconds,
                                  "peak_mb": _peak_mb(device), "epe_synth": acc})
@@ -112,10 +113,14 @@ def main() -> None:
     ap.add_argument("--sizes", default="224x224,240x320,436x1024")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--pairs", type=int, default=8, help="pairs timed per row (at least the batch)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timed runs per row, the fastest kept (steadier figures on a shared machine)")
     ap.add_argument("--accuracy-pairs", type=int, default=4, help="synthetic pairs for the EPE column")
     ap.add_argument("--flyingchairs", default=str(ROOT.parent / "shared" / "data" / "flyingchairs"))
     ap.add_argument("--quick", action="store_true", help="224x224 only, batches 1 and 8")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.quick:
         args.sizes, args.batches = "224x224", "1,8"
     device = resolve_device(args.device)

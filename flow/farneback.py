@@ -25,10 +25,8 @@ fallback where no C compiler is found.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -39,6 +37,7 @@ from torch import Tensor
 from flow import _farneback_native as _native
 from flow import _farneback_ops as _ops
 from flow import cvresize
+from flow.cpu_parallel import intra_op_threads, map_pairs
 
 OPTFLOW_FARNEBACK_GAUSSIAN = 256
 _MIN_LEVEL_SIZE = 32  # OpenCV stops the pyramid before a level whose side would fall below this
@@ -90,47 +89,25 @@ def farneback(prev: Tensor, nxt: Tensor, params: FarnebackParams = FarnebackPara
     _check_pair(prev, nxt)
     out_dtype = prev.dtype if prev.is_floating_point() else torch.float32
     work = out_dtype if out_dtype in (torch.float32, torch.float64) else torch.float32
-    n, height, width = prev.shape
+    height, width = prev.shape[1:]
 
-    def run(start: int, stop: int) -> Tensor:
+    def run(p: Tensor, q: Tensor) -> Tensor:
         with torch.inference_mode():  # no autograd bookkeeping; thread-local, so per call
-            return _farneback_batch(prev[start:stop].to(work), nxt[start:stop].to(work), params)
+            return _farneback_batch(p.to(work), q.to(work), params)
 
     if prev.device.type != "cpu":
-        return run(0, n).to(out_dtype).clone(memory_format=torch.contiguous_format)
+        return run(prev, nxt).to(out_dtype).clone(memory_format=torch.contiguous_format)
     # The C kernels release the GIL, so the pairs' threads scale; their speed per pair hardly
     # depends on the chunk (within 5% from 1 to 8 pairs at 224x224). For the eager ops: every
     # op streams its operands through the caches, so one pair per pass keeps them there
     # (two at 224x224 ran ~4% slower per pair, four ~30%). The ops are short, and their OpenMP
     # barriers cost more than a second thread brings, ruinously on shared cores (10x slower on
     # a busy 2-core box), so each op runs on one thread and the pairs are spread over threads,
-    # as OpenCV's are. The copies out stay single-threaded too: a 2-thread op leaves its second
+    # as OpenCV's are. The copy out stays single-threaded too: a 2-thread op leaves its second
     # thread spinning into the next call.
-    chunk = max(1, _CPU_CHUNK_PIXELS // (height * width))
-    bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
-    workers = min(torch.get_num_threads(), len(bounds))
-    with _intra_op_threads(1):
-        if workers > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                flows = list(pool.map(lambda bound: run(*bound), bounds))
-        else:
-            flows = [run(*bound) for bound in bounds]
-        flow = flows[0] if len(flows) == 1 else torch.cat(flows)
+    flow = map_pairs(run, prev, nxt, max_chunk=max(1, _CPU_CHUNK_PIXELS // (height * width)))
+    with intra_op_threads(1):
         return flow.to(out_dtype).clone(memory_format=torch.contiguous_format)
-
-
-@contextlib.contextmanager
-def _intra_op_threads(count: int):
-    """Run with `count` intra-op CPU threads, restoring the setting after."""
-    before = torch.get_num_threads()
-    if count == before:
-        yield
-        return
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _farneback_batch(prev: Tensor, nxt: Tensor, params: FarnebackParams) -> Tensor:

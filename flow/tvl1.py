@@ -8,8 +8,9 @@ of a pointwise thresholding step (eq. 20) with Chambolle's dual projection for t
 squared update falls below epsilon^2.
 
 Speed comes from batching pairs, stopping each pair on its own test (converged pairs are frozen by
-a mask and dropped from the batch), and fusing each iteration's elementwise ops with torch.compile
-where that pays. Accuracy beats OpenCV's by dropping the data term where x + u leaves the image.
+a mask and dropped from the batch), solving a CPU batch's pairs on one thread per core, and fusing
+each iteration's elementwise ops with torch.compile where that pays. Accuracy beats OpenCV's by
+dropping the data term where x + u leaves the image.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import logging
 import numbers
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +39,7 @@ from flow._ops import (
     resize,
     warp,
 )
+from flow.cpu_parallel import map_pairs, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -122,41 +125,32 @@ def _tvl1(prev: Tensor, nxt: Tensor, p: TVL1Params, sync_every: int | None = Non
     if n == 0:
         return prev.new_zeros((0, height, width, 2), dtype=out_dtype)
     sync_every = sync_every or _sync_interval(device)
-    # Pairs are independent, so a CPU batch is solved a cache-sized group at a time (eager steps on
-    # 32 pairs of 224 x 224 ran at 1.3 pairs/s, on 8 at 2.0); accelerators take the whole batch.
-    group = max(1, _CPU_GROUP_PIXELS // (height * width)) if device.type == "cpu" else n
-    # Inference mode whatever the caller uses: no autograd bookkeeping, and one compiled graph
-    # either way. The copy out of it is a normal tensor.
-    with torch.inference_mode(), _intra_op_threads(1 if device.type == "cpu" else None):
-        flow = torch.cat([_solve(prev[i : i + group], nxt[i : i + group], p, sync_every) for i in range(0, n, group)])
+    # Counted and decided here, in the calling thread: the compile policy sees the whole batch, and
+    # the workers find the mode settled (the compilation itself runs under a lock in _fused).
+    _count_work(device, n * height * width)
+    _use_compiled(device)
+
+    def solve(prev: Tensor, nxt: Tensor) -> Tensor:
+        # Inference mode whatever the caller uses: no autograd bookkeeping, and one compiled graph
+        # either way. The copy out of it is a normal tensor.
+        with torch.inference_mode():
+            return _solve(prev, nxt, p, sync_every)
+
+    if device.type != "cpu":
+        flow = solve(prev, nxt)  # accelerators take the whole batch
+    else:
+        # Pairs are independent, so a CPU batch is cut into cache-sized chunks (eager steps on 32
+        # pairs of 224 x 224 ran at 1.3 pairs/s, on 8 at 2.0) and solved on one thread per core,
+        # each with one intra-op thread (flow/cpu_parallel.py says why). Batch 8 at 224 x 224 on 2
+        # idle cores: eager 5.1 pairs/s on 2 threads vs 2.4 on 1, compiled 6.9 vs 3.9.
+        flow = map_pairs(solve, prev, nxt, max(1, _CPU_GROUP_PIXELS // (height * width)), worker_count(device, n))
     return flow.to(out_dtype).clone(memory_format=torch.contiguous_format)
-
-
-@contextlib.contextmanager
-def _intra_op_threads(n: int | None):
-    """Run with `n` intra-op CPU threads (None: leave them alone), restoring the setting after.
-
-    The CPU solve uses one: each iteration is a few short kernels, and their OpenMP barriers cost
-    more than a second thread brings whenever the cores are shared (a 2-core box running other
-    work: 0.16-0.43 pairs/s with 2 threads vs 1.75-2.23 with 1, at 224 x 224). Many cores are better
-    used by solving different pairs in different processes (extraction shards).
-    """
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _solve(prev: Tensor, nxt: Tensor, p: TVL1Params, sync_every: int) -> Tensor:
     """Coarse to fine over the pyramid. Shape: prev, nxt (N, H, W) -> flow (N, H, W, 2)."""
     n, height, width = prev.shape
     work = prev.dtype if prev.dtype in (torch.float32, torch.float64) else torch.float32
-    _count_work(prev.device, n * height * width)
     images = torch.stack((prev, nxt), 1).to(work)  # (N, 2, H, W): both frames share each op
     sizes = pyramid_sizes(height, width, p.nscales, p.scale_step)
     # IPOL's pyramid: a Gaussian blur against aliasing, then a bilinear zoom by scale_step (OpenCV
@@ -303,15 +297,26 @@ def _median_windows(pairs: list, cols: list, ksize: int, u: Tensor, active: Tens
 # Levels smaller than this always run eagerly: they cost little, and inductor's CPU code for
 # reductions over <= 4096 elements differs, which would mean a second compilation for small images.
 _COMPILE_MIN_PIXELS = 4096
-# On the CPU the compiled steps are only 1.1-1.5x faster than eager ones (224 x 224, batch 1-32)
-# while a first compilation takes 20-60 s (5-10 s from inductor's disk cache), so a process compiles only once it has solved this many
-# pixels (256 pairs at 224 x 224), when the time saved starts to repay it. Accelerators compile at
-# once: there the eager steps are bound by kernel launches.
+# On the CPU the compiled steps are only 1.1-1.5x faster than eager ones (224 x 224, batch 1-32;
+# batch 8 on 2 threads: 6.9 vs 5.1 pairs/s, 0.05 s saved per pair) while a first compilation takes
+# 20-60 s (5-15 s from inductor's disk cache). So a process compiles only once it has solved this
+# many pixels (256 pairs at 224 x 224, about 50 s of eager work): a cached compilation is repaid
+# after 100-300 pairs, a cold one after 400-1200, and short runs (tests, `flow_bench.py --quick`,
+# a few clips) never pay for one. Accelerators compile at once: there the eager steps are bound by
+# kernel launches.
 _CPU_COMPILE_AFTER = 256 * 224 * 224
 _MODE: dict[str, str] = {}  # device type -> "compiled" or "eager", decided once per process
 _SOLVED: dict[str, int] = {}  # device type -> pixels solved so far
 _COMPILED: dict[tuple[str, str], Callable] = {}  # (name, device type) -> compiled function
 _PROVEN: set[tuple[str, str]] = set()  # compiled functions that have run once without error
+_COMPILE_LOCK = threading.RLock()  # held while a compiled function is created or first run
+_DUCK_LOCK = threading.Lock()
+_DUCK_USERS = 0  # threads inside _no_duck_shapes
+_DUCK_SAVED = True  # use_duck_shape as it was before the first of them
+# Inductor's default CPU code calls each kernel from Python holding the GIL, so the worker threads
+# of a CPU batch would take turns (2 threads: 4.2 pairs/s, as 1); with the C++ wrapper a whole
+# graph runs without the GIL, and 2 threads give 6.9 pairs/s vs 3.9 on 1.
+_COMPILE_OPTIONS: dict[str, dict] = {"cpu": {"cpp_wrapper": True}}
 
 
 def _count_work(device: torch.device, pixels: int) -> None:
@@ -333,36 +338,74 @@ def _use_compiled(device: torch.device) -> bool:
 
 
 def _fused(name: str, fn: Callable, like: Tensor) -> Callable:
-    """`fn` compiled for `like`'s device type, or `fn` itself (compilation off, failed, or not worth it)."""
+    """`fn` compiled for `like`'s device type, or `fn` itself (compilation off, failed, or not worth it).
+
+    Safe to call from several threads: the first call of each compiled function (its compilation)
+    runs under a lock, later calls run in parallel.
+    """
     device = like.device
     if like.shape[-1] * like.shape[-2] < _COMPILE_MIN_PIXELS or not _use_compiled(device):
         return fn
     key = (name, device.type)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, dynamic=True, fullgraph=True)
-    compiled = _COMPILED[key]
+    with _COMPILE_LOCK:
+        if key not in _COMPILED:
+            _COMPILED[key] = torch.compile(fn, dynamic=True, fullgraph=True, options=_COMPILE_OPTIONS.get(device.type))
+        compiled = _COMPILED[key]
 
     def call(*args):
         # One graph for every batch size and level: the batch may be any size (compaction goes
         # down to 1) and sizes that happen to be equal (N = C = 2, H = W) must not be tied.
         for t in _tensors(args):
             torch._dynamo.decorators.mark_unbacked(t, 0)
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
-            if key in _PROVEN:
-                return compiled(*args)
-            try:
-                result = compiled(*args)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
-                if _is_out_of_memory(exc):
-                    raise
-                _MODE[device.type] = "eager"
-                first = str(exc).splitlines()[0] if str(exc) else ""
-                log.warning("TV-L1 on %s: torch.compile failed (%s: %s); eager steps from now on", device.type, type(exc).__name__, first)
-                return fn(*args)
-        _PROVEN.add(key)
-        return result
+        with _no_duck_shapes():
+            if key not in _PROVEN:
+                with _COMPILE_LOCK:
+                    if key not in _PROVEN:
+                        return _first_call(key, fn, compiled, args)
+            return compiled(*args)
 
     return call
+
+
+def _first_call(key: tuple[str, str], fn: Callable, compiled: Callable, args: tuple) -> object:
+    """Run `compiled` (compiling it) once; on a compiler failure switch the device type to eager steps."""
+    device_type = key[1]
+    if _MODE.get(device_type) == "eager":  # another thread's compilation failed meanwhile
+        return fn(*args)
+    try:
+        result = compiled(*args)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+        if _is_out_of_memory(exc):
+            raise
+        _MODE[device_type] = "eager"
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        log.warning("TV-L1 on %s: torch.compile failed (%s: %s); eager steps from now on", device_type, type(exc).__name__, first)
+        return fn(*args)
+    _PROVEN.add(key)
+    return result
+
+
+@contextlib.contextmanager
+def _no_duck_shapes():
+    """torch.fx's use_duck_shape off while any thread runs a compiled step, restored after the last.
+
+    The setting is process-wide: a plain config patch per thread would let one thread restore it
+    while another still compiles.
+    """
+    global _DUCK_USERS, _DUCK_SAVED
+    config = torch.fx.experimental._config
+    with _DUCK_LOCK:
+        if _DUCK_USERS == 0:
+            _DUCK_SAVED = config.use_duck_shape
+            config.use_duck_shape = False
+        _DUCK_USERS += 1
+    try:
+        yield
+    finally:
+        with _DUCK_LOCK:
+            _DUCK_USERS -= 1
+            if _DUCK_USERS == 0:
+                config.use_duck_shape = _DUCK_SAVED
 
 
 def _tensors(args) -> list[Tensor]:

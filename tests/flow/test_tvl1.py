@@ -1,4 +1,6 @@
 import logging
+import threading
+import time
 
 import cv2
 import numpy as np
@@ -74,6 +76,7 @@ def test_batch_equals_pairs_one_by_one():
     sizes = []
     step = tvl1_module._step
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tvl1_module, "worker_count", lambda device, pairs: 1)  # the whole batch in one solve
         mp.setattr(tvl1_module, "_step", lambda *args: (sizes.append(args[0].shape[0]), step(*args))[1])
         batch = tvl1(p, n, FAST)
     assert sizes[0] == 3 and min(sizes) == 1  # converged pairs did leave the batch
@@ -87,6 +90,20 @@ def test_batch_equals_pairs_one_by_one():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tvl1_module, "_CPU_GROUP_PIXELS", 2 * 32 * 40)
         assert torch.allclose(tvl1(p, n, FAST), alone, atol=1e-5)
+
+
+def test_cpu_batch_is_spread_over_threads_without_changing_a_pair():
+    prev, nxt, _ = synthetic_pairs(5, 32, 40, seed=12, max_px=3.0)
+    p, n = _t(prev), _t(nxt)
+    threads = set()
+    step = tvl1_module._step
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tvl1_module, "worker_count", lambda device, pairs: 2)
+        mp.setattr(tvl1_module, "_step", lambda *args: (threads.add(threading.get_ident()), step(*args))[1])
+        spread = tvl1(p, n, FAST)
+    assert len(threads) == 2 and threading.get_ident() not in threads
+    alone = torch.cat([tvl1(p[i : i + 1], n[i : i + 1], FAST) for i in range(5)])
+    assert torch.allclose(spread, alone, atol=1e-5)
 
 
 def test_convergence_stops_early_and_epsilon_matters():
@@ -253,4 +270,39 @@ class TestFusion:
             out = tvl1(_t(prev), _t(nxt), FAST)
         assert tvl1_module._MODE["cpu"] == "eager"
         assert "torch.compile failed" in caplog.text and "no C++ compiler" in caplog.text
+        assert torch.equal(out, tvl1(_t(prev), _t(nxt), FAST))
+
+    def test_threads_compile_one_at_a_time_then_run_in_parallel(self, undecided, monkeypatch):
+        prev, nxt, _ = synthetic_pairs(4, 20, 24, seed=6)
+        lock = threading.Lock()
+        running = {"first": 0, "any": 0}
+        most = {"first": 0, "any": 0}
+
+        def slow_identity_compiler(fn, **kwargs):
+            proven = []  # non-empty once a call of this "compiled" function has returned
+
+            def run(*args):
+                kinds = ("any",) if proven else ("any", "first")
+                with lock:
+                    for kind in kinds:
+                        running[kind] += 1
+                        most[kind] = max(most[kind], running[kind])
+                time.sleep(0.002 if proven else 0.2)  # a slow first call ("compilation"): the other worker arrives
+                try:
+                    return fn(*args)
+                finally:
+                    with lock:
+                        for kind in kinds:
+                            running[kind] -= 1
+                    proven.append(True)
+
+            return run
+
+        monkeypatch.setattr(torch, "compile", slow_identity_compiler)
+        monkeypatch.setattr(tvl1_module, "worker_count", lambda device, pairs: 2)
+        duck_before = torch.fx.experimental._config.use_duck_shape
+        out = tvl1(_t(prev), _t(nxt), FAST)
+        assert most == {"first": 1, "any": 2}
+        assert torch.fx.experimental._config.use_duck_shape == duck_before
+        monkeypatch.setattr(tvl1_module, "_MODE", {"cpu": "eager"})
         assert torch.equal(out, tvl1(_t(prev), _t(nxt), FAST))
