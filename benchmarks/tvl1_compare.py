@@ -85,7 +85,7 @@ def main() -> None:
     if args.no_compaction:
         tvl1_module._COMPACT_FROZEN = 2.0
     print(
-        f"torch {torch.__version__} on {device} (mode {args.mode}; a CPU solve uses 1 intra-op thread), "
+        f"torch {torch.__version__} on {device} (mode {args.mode}; on a CPU the pairs spread over the cores, 1 intra-op thread each), "
         f"compaction {'off' if args.no_compaction else 'on'}; OpenCV {cv2.__version__} ({cv2.getNumThreads()} threads); "
         f"params {TVL1Params()}"
     )

@@ -64,6 +64,11 @@ def available(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and _library() is not None
 
 
+def built() -> bool:
+    """Whether the C kernels are (or can be) built on this machine; builds them on first call."""
+    return _library() is not None
+
+
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     """The compiled kernels, built on first use; None when they cannot be (decided once, logged)."""

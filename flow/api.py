@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import torch
 
+from flow._farneback_native import built as farneback_kernels_built
 from flow.batching import BatchRunner, auto_batch_size
 from flow.devices import resolve_device
 from flow.farneback import FarnebackParams, farneback
@@ -20,9 +21,6 @@ METHODS = ("tvl1", "farneback")
 BACKENDS = ("auto", "torch", "opencv")
 _PARAMS = {"tvl1": TVL1Params, "farneback": FarnebackParams}
 _TORCH_FUNCTIONS = {"tvl1": tvl1, "farneback": farneback}
-# `auto` on a CPU: the faster backend at equal accuracy, as measured by benchmarks/flow_bench.py
-# on a 2-core machine at 224x224 (README, "Optical flow").
-CPU_AUTO_BACKEND = {"tvl1": "torch", "farneback": "opencv"}
 _GREY = (0.299, 0.587, 0.114)  # ITU-R BT.601, as cv2.cvtColor(RGB2GRAY)
 
 
@@ -44,10 +42,20 @@ def resolve_backend(method: str, backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown flow backend '{backend}': choose {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "torch" if device.type == "cuda" else CPU_AUTO_BACKEND[method]
+        return "torch" if device.type == "cuda" else cpu_auto_backend(method)
     if backend == "opencv" and device.type != "cpu":
         raise ValueError(f"the opencv backend runs on the CPU only, not on {device}; use --backend torch")
     return backend
+
+
+def cpu_auto_backend(method: str) -> str:
+    """`auto` on a CPU: the faster backend at equal accuracy, as measured by benchmarks/flow_bench.py
+    on a 2-core machine (README, "Optical flow"): torch for both methods, except Farneback where
+    its C kernels cannot be built (no compiler): its eager ops run at a quarter of OpenCV's speed."""
+    _check_method(method)
+    if method == "farneback" and not farneback_kernels_built():
+        return "opencv"
+    return "torch"
 
 
 class FlowEstimator:
@@ -94,13 +102,28 @@ class FlowEstimator:
             out = opencv_flow(_to_grey_uint8(prev), _to_grey_uint8(nxt), self.method, self.params)
             return torch.from_numpy(out).to(prev.device) if is_tensor else out
         home = prev.device if is_tensor else torch.device("cpu")
-        grey_prev, grey_nxt = (_to_grey_float(x, self.device) for x in (prev, nxt))
+        grey_prev, grey_nxt = (self._grey(x) for x in (prev, nxt))
         if self._runner is None:
             size = self.batch_size or auto_batch_size(self.method, *grey_prev.shape[1:], self.device)
             self._runner = BatchRunner(self._torch_fn, size)
         with torch.inference_mode():
             out = self._runner(grey_prev, grey_nxt)
         return out.to(home) if is_tensor else out.cpu().numpy()
+
+    def _grey(self, x) -> torch.Tensor:
+        """Grey levels for the torch estimators, (N, H, W) float32 on the device.
+
+        Farneback turns uint8 RGB frames into the integer grey levels the OpenCV backend sees, so
+        the two backends give the same flow from the same frames (its solve is OpenCV's, and
+        near-singular spots turn a fraction of a grey level into pixels of flow); TV-L1 keeps the
+        unrounded levels.
+        """
+        rgb_bytes = x.ndim == 4 and x.dtype in (np.uint8, torch.uint8)
+        if self.method == "farneback" and rgb_bytes:
+            if self.device.type == "cpu":
+                return torch.from_numpy(_to_grey_uint8(x)).to(torch.float32)
+            return _to_grey_float(x, self.device).round_().clamp_(0, 255)
+        return _to_grey_float(x, self.device)
 
 
 def estimate(prev, nxt, method: str = "tvl1", backend: str = "auto", device: str = "auto", batch_size: int | None = None, **params):

@@ -3,7 +3,7 @@
 `cpu` is sized to finish the embedded synthetic dataset in minutes on a 2-core laptop and to learn
 from a few dozen real clips without pretrained weights: 128 px frames (at 64 px the mean motion of
 the SCFD clips, 0.16 px per frame, is below the store's 0.25 px flow step), Farneback flow
-(OpenCV's runs ~1000 pairs/s there; TV-L1 ~5), 16 steps of 2-field flow stacks cut at 64 px, and
+(~800 pairs/s there on two cores; TV-L1 ~5), 16 steps of 2-field flow stacks cut at 64 px, and
 the training-free `hoghof` encoder (`streams.hoghof`: HOF and motion statistics for flow; for RGB,
 descriptors of the change between consecutive steps, TSN's RGB-difference modality, since single
 frames' appearance tells the scenes apart, not fight from no fight): a randomly initialised CNN's

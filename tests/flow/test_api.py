@@ -133,4 +133,27 @@ def test_estimator_reuses_its_batch_runner(pairs, monkeypatch):
     runner = est._runner
     est(pairs[0], pairs[1])
     assert est._runner is runner and runner.batch_size == 2
-    assert api.CPU_AUTO_BACKEND.keys() == {"tvl1", "farneback"}
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["c-kernels", "no-compiler"])
+def test_auto_on_cpu_takes_torch_farneback_only_with_its_c_kernels(monkeypatch, kernels):
+    monkeypatch.setattr(api, "farneback_kernels_built", lambda: kernels)
+    assert resolve_backend("farneback", "auto", torch.device("cpu")) == ("torch" if kernels else "opencv")
+    assert resolve_backend("tvl1", "auto", torch.device("cpu")) == "torch"
+
+
+def test_torch_farneback_sees_opencvs_grey_levels_of_rgb_frames():
+    # The same uint8 RGB frames through either backend: the same integer grey levels, so the same
+    # flow (unrounded levels moved it by up to 1.5 px on real clips).
+    prev, nxt, _ = synthetic_pairs(2, 48, 64, seed=3, max_px=2.0)
+    rng = np.random.default_rng(0)
+    tint = rng.integers(-20, 21, (1, 1, 1, 3))
+    to_rgb = lambda g: np.clip(g[..., None].astype(int) + tint, 0, 255).astype(np.uint8)  # noqa: E731
+    prev_rgb, nxt_rgb = to_rgb(prev), to_rgb(nxt)
+    ours = estimate(prev_rgb, nxt_rgb, "farneback", "torch", "cpu")
+    theirs = estimate(prev_rgb, nxt_rgb, "farneback", "opencv", "cpu")
+    assert np.abs(ours - theirs).max() < 1e-5
+    # TV-L1 keeps the unrounded levels (its solve is not OpenCV's; rounding would only lose detail).
+    est = FlowEstimator("tvl1", "torch", "cpu", **FAST_TVL1)
+    grey = est._grey(torch.from_numpy(prev_rgb))
+    assert not torch.equal(grey, grey.round())
