@@ -118,12 +118,10 @@ class FlowEstimator:
         near-singular spots turn a fraction of a grey level into pixels of flow); TV-L1 keeps the
         unrounded levels.
         """
-        rgb_bytes = x.ndim == 4 and x.dtype in (np.uint8, torch.uint8)
-        if self.method == "farneback" and rgb_bytes:
-            if self.device.type == "cpu":
-                return torch.from_numpy(_to_grey_uint8(x)).to(torch.float32)
-            return _to_grey_float(x, self.device).round_().clamp_(0, 255)
-        return _to_grey_float(x, self.device)
+        grey = _to_grey_float(x, self.device)
+        if self.method == "farneback" and x.ndim == 4 and x.dtype in (np.uint8, torch.uint8):
+            grey = grey.round_().clamp_(0, 255)  # as _to_grey_uint8 rounds them for OpenCV
+        return grey
 
 
 def estimate(prev, nxt, method: str = "tvl1", backend: str = "auto", device: str = "auto", batch_size: int | None = None, **params):
@@ -151,13 +149,9 @@ def _check_shapes(prev, nxt) -> None:
 
 
 def _to_grey_uint8(x) -> np.ndarray:
-    """(N, H, W[, 3]) array or tensor -> (N, H, W) uint8 for OpenCV."""
-    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if x.ndim == 4:
-        x = x.astype(np.float32) @ np.asarray(_GREY, np.float32)
-    if x.dtype != np.uint8:
-        x = np.clip(np.rint(x), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(x)
+    """(N, H, W[, 3]) array or tensor -> (N, H, W) uint8 for OpenCV: the torch estimators' grey
+    levels, rounded (uint8 grey frames pass through unchanged)."""
+    return _to_grey_float(x, torch.device("cpu")).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
 def _to_grey_float(x, device: torch.device) -> torch.Tensor:
