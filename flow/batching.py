@@ -9,11 +9,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Device bytes one pair needs per pixel inside the torch estimators: an upper estimate from the
-# float32 planes each keeps alive (TV-L1: images, flow, six duals, warped image and gradients,
-# about 35 planes with the pyramid = 140 B, doubled for the compiled kernels' temporaries and
-# allocator slack). An underestimate costs one OOM back-off, never a crash.
-BYTES_PER_PIXEL = {"tvl1": 300, "farneback": 320}
+# Device bytes one pair needs per pixel inside the torch estimators' whole-batch solve: the peak
+# measured with eager ops by benchmarks/flow_memory.py (TV-L1 390, Farneback 357 at 240x320; the
+# compiled TV-L1 step needs fewer temporaries), plus 10% for allocator slack. An underestimate
+# costs one OOM back-off, never a crash.
+BYTES_PER_PIXEL = {"tvl1": 430, "farneback": 400}
 CPU_BATCH = 16
 MAX_BATCH = 1024
 
