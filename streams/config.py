@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 BACKBONES = ("vgg19", "resnet50", "efficientnet_b4", "vit_b_16", "hoghof")
-HEADS = ("bilstm_attention", "gru_attention", "conv1d_lstm", "transformer")
+HEADS = ("bilstm_attention", "gru_attention", "conv1d_lstm", "transformer", "stats_pool")
 LOSSES = ("focal", "bce")
 OPTIMIZERS = ("adamw", "adam")
 

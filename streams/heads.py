@@ -181,8 +181,91 @@ class TransformerHead(TemporalHead):
         return self.encoder(h, src_key_padding_mask=None if mask is None else ~mask)
 
 
-def build_head(cfg: ModelConfig, in_dim: int) -> TemporalHead:
+def masked_statistics(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """Per-dimension mean, standard deviation, max and mean |x_t - x_{t-1}| over each clip's valid steps.
+
+    The pooled statistics of bag-of-features classifiers (Laptev et al. 2008; Hassner et al. 2012's
+    ViF pools frame-change magnitudes the same way); the last one measures temporal irregularity.
+    The deviation is sqrt(population variance + eps) (finite gradient for constant dimensions); a
+    clip of one step has no change (0). Shape: x (N, T, D), mask (N, T) bool or None -> (N, 4D).
+    """
+    n, t, _ = x.shape
+    if mask is None:
+        mask = torch.ones(n, t, dtype=torch.bool, device=x.device)
+    valid = mask[..., None]  # (N, T, 1)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    count = mask.sum(dim=1, keepdim=True).to(x.dtype)  # (N, 1)
+    # torch.where, not a multiplication by the mask: padding must not leak in, even as 0 * inf.
+    mean = torch.where(valid, x, zero).sum(dim=1) / count  # (N, D)
+    std = (torch.where(valid, (x - mean[:, None]) ** 2, zero).sum(dim=1) / count + eps).sqrt()
+    peak = x.masked_fill(~valid, float("-inf")).amax(dim=1)
+    pair = (mask[:, 1:] & mask[:, :-1])[..., None]  # (N, T-1, 1) both steps valid
+    step = torch.where(pair, (x[:, 1:] - x[:, :-1]).abs(), zero).sum(dim=1)
+    change = step / pair.sum(dim=1).clamp_min(1).to(x.dtype)
+    return torch.cat([mean, std, peak, change], dim=1)
+
+
+class StatsPoolHead(nn.Module):
+    """Pooled statistics of each clip -> per-dimension affine -> dropout -> linear embedding -> logit.
+
+    For hand-crafted descriptors and a few dozen training videos: a linear classifier on temporally
+    pooled statistics (`masked_statistics`), the classical recipe, instead of thousands of recurrent
+    weights. The embedding (dense_units[-1] wide, the size `ModelConfig.embed_dim` promises) is a
+    linear map with no activation, so the whole head stays linear in the pooled statistics; its
+    rank-E factorisation plus weight decay is the only extra regularisation.
+
+    The affine standardises the statistics: it starts from the first training batch's mean and
+    deviation (data-dependent initialisation, as Glow's ActNorm; Kingma & Dhariwal 2018), since the
+    features' scales differ by 100x and no dataset statistics reach the head, then trains as
+    ordinary parameters. Unlike BatchNorm it behaves the same in training and evaluation. Under
+    torch.distributed the first batches of all processes are pooled, so every copy starts equal.
+    """
+
+    def __init__(self, in_dim: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        stats_dim = 4 * in_dim
+        self.shift = nn.Parameter(torch.zeros(stats_dim))
+        self.log_scale = nn.Parameter(torch.zeros(stats_dim))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.input_dropout = nn.Dropout(cfg.dropout)
+        self.proj = nn.Linear(stats_dim, cfg.dense_units[-1])
+        self.dropout = nn.Identity()  # generic callers compute out(dropout(embed)); the dropout is on the input
+        self.out = nn.Linear(cfg.dense_units[-1], 1)
+        self.embed_dim = cfg.dense_units[-1]
+
+    @torch.no_grad()
+    def _initialize(self, stats: torch.Tensor) -> None:
+        s = stats.detach().float()  # (N, 4D)
+        moments = torch.stack([torch.full_like(s[0], s.shape[0]), s.sum(dim=0), (s * s).sum(dim=0)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(moments)
+        count, total, squares = moments
+        mean = total / count
+        std = (squares / count - mean * mean).clamp_min(0.0).sqrt()
+        self.shift.copy_(mean)
+        self.log_scale.copy_(-torch.log(std + 1e-3))  # dims constant in the batch get a bounded gain
+        self.initialized.fill_(True)
+
+    def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Clip embedding. Shape: (N, T, D), mask (N, T) -> (N, dense_units[-1])."""
+        if x.ndim != 3:
+            raise ValueError(f"head expects features (N, T, D), got {tuple(x.shape)}")
+        lengths = check_mask(mask, x.shape[0], x.shape[1])
+        stats = masked_statistics(x, mask if lengths is not None else None)  # (N, 4D)
+        if self.training and not bool(self.initialized):
+            self._initialize(stats)
+        z = (stats - self.shift.to(stats.dtype)) * self.log_scale.exp().to(stats.dtype)
+        return self.proj(self.input_dropout(z))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Shape: (N, T, D), mask (N, T) -> logits (N,)."""
+        return self.out(self.dropout(self.embed(x, mask))).squeeze(-1)
+
+
+def build_head(cfg: ModelConfig, in_dim: int) -> TemporalHead | StatsPoolHead:
     """The head named by `cfg.head` over `in_dim`-d frame features."""
+    if cfg.head == "stats_pool":
+        return StatsPoolHead(in_dim, cfg)
     if cfg.head == "bilstm_attention":
         return RecurrentAttentionHead(in_dim, cfg, "lstm")
     if cfg.head == "gru_attention":
