@@ -151,7 +151,10 @@ def _check_shapes(prev, nxt) -> None:
 def _to_grey_uint8(x) -> np.ndarray:
     """(N, H, W[, 3]) array or tensor -> (N, H, W) uint8 for OpenCV: the torch estimators' grey
     levels, rounded (uint8 grey frames pass through unchanged)."""
-    return _to_grey_float(x, torch.device("cpu")).round_().clamp_(0, 255).to(torch.uint8).numpy()
+    grey = _to_grey_float(x, torch.device("cpu"))
+    if not bool(torch.isfinite(grey).all()):
+        raise ValueError("the frames hold NaN or infinite grey levels")
+    return grey.round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
 def _to_grey_float(x, device: torch.device) -> torch.Tensor:

@@ -38,6 +38,7 @@ from flow import _farneback_native as _native
 from flow import _farneback_ops as _ops
 from flow import cvresize
 from flow.cpu_parallel import intra_op_threads, map_pairs
+from flow.pairs import check_pair
 
 OPTFLOW_FARNEBACK_GAUSSIAN = 256
 _MIN_LEVEL_SIZE = 32  # OpenCV stops the pyramid before a level whose side would fall below this
@@ -363,13 +364,6 @@ def _level_count(height: int, width: int, params: FarnebackParams) -> int:
 
 
 def _check_pair(prev: Tensor, nxt: Tensor) -> None:
-    if not isinstance(prev, Tensor) or not isinstance(nxt, Tensor):
-        raise ValueError("farneback expects torch tensors; use flow.estimate for numpy arrays")
-    if prev.ndim != 3:
-        raise ValueError(f"farneback expects (N, H, W) grey images, got shape {tuple(prev.shape)}")
-    if prev.shape != nxt.shape:
-        raise ValueError(f"prev and nxt differ in shape: {tuple(prev.shape)} vs {tuple(nxt.shape)}")
-    if prev.device != nxt.device:
-        raise ValueError(f"prev and nxt are on different devices: {prev.device} vs {nxt.device}")
+    check_pair(prev, nxt, "farneback")
     if prev.numel() == 0:
         raise ValueError(f"farneback got an empty batch or image, shape {tuple(prev.shape)}")

@@ -40,6 +40,7 @@ from flow._ops import (
     warp,
 )
 from flow.cpu_parallel import map_pairs, worker_count
+from flow.pairs import check_pair
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ _COMPACT_FROZEN = 0.5
 
 
 def _tvl1(prev: Tensor, nxt: Tensor, p: TVL1Params, sync_every: int | None = None) -> Tensor:
-    _check_pair(prev, nxt)
+    check_pair(prev, nxt, "tvl1")
     n, height, width = prev.shape
     device = prev.device
     out_dtype = prev.dtype if prev.is_floating_point() else torch.float32
@@ -423,14 +424,3 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
 
 
-def _check_pair(prev: Tensor, nxt: Tensor) -> None:
-    if not isinstance(prev, Tensor) or not isinstance(nxt, Tensor):
-        raise ValueError("tvl1 expects torch tensors (use flow.estimate for numpy arrays)")
-    if prev.shape != nxt.shape:
-        raise ValueError(f"prev and nxt differ in shape: {tuple(prev.shape)} vs {tuple(nxt.shape)}")
-    if prev.ndim != 3:
-        raise ValueError(f"tvl1 expects (N, H, W) grey images, got shape {tuple(prev.shape)}")
-    if prev.device != nxt.device:
-        raise ValueError(f"prev and nxt are on different devices: {prev.device} vs {nxt.device}")
-    if prev.is_complex() or prev.dtype == torch.bool:
-        raise ValueError(f"tvl1 expects real grey levels, got dtype {prev.dtype}")
