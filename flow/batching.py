@@ -20,7 +20,7 @@ MAX_BATCH = 1024
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for CUDA's OutOfMemoryError and the CPU allocator's failure alike."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):  # MemoryError: the C kernels' allocations
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

@@ -60,6 +60,8 @@ def opencv_flow(prev: np.ndarray, nxt: np.ndarray, method: str, params: dict, th
         prev, nxt (N, H, W) uint8 -> (N, H, W, 2) float32.
     """
     pair = _PAIR_FUNCTIONS[method]
+    if len(prev) == 0:
+        return np.zeros((0, *prev.shape[1:3], 2), np.float32)
     threads = min(len(prev), threads or cpu_count())
     if threads <= 1:
         flows = [pair(p, q, params) for p, q in zip(prev, nxt)]

@@ -141,7 +141,8 @@ class Backbone(nn.Module):
             raise ValueError(f"clips must be (N, T, C, H, W), got {tuple(x.shape)}")
         n, t = x.shape[:2]
         if not getattr(self.net, "temporal", False):
-            return self(x.flatten(0, 1)).view(n, t, -1)  # (N*T, D) -> (N, T, D)
+            feats = self(x.flatten(0, 1))  # (N*T, D)
+            return feats.view(n, t, feats.shape[-1])  # (N, T, D); also for N = 0
         if x.shape[2] != self.in_channels or min(x.shape[-2:]) < self.min_size:
             raise ValueError(f"{self.name} backbone expects clips (N, T, {self.in_channels}, H, W) of at least "
                              f"{self.min_size}x{self.min_size}, got {tuple(x.shape)}")

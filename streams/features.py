@@ -114,8 +114,7 @@ def cache_features(
         "weights_path": str(weights_path or ""),
         "encoder_version": HOGHOF_VERSION if backbone == "hoghof" else 0,
         "store": str(store_path.resolve()),
-        "store_flow": json.dumps({k: store_root[k] for k in _STORE_FLOW_KEYS if k in store_root}, sort_keys=True,
-                                 default=str),
+        "store_flow": store_flow_signature(store_root),
     }
     out = Path(out_path) if out_path is not None else features_path(store_path, stream, backbone)
     if not out.parent.is_dir():
@@ -167,6 +166,11 @@ def cache_features(
     _finish(partial, out)
     log.info("features written to %s", out)
     return out
+
+
+def store_flow_signature(store_root: dict) -> str:
+    """The store's sampling and flow settings as recorded in a features file (JSON)."""
+    return json.dumps({k: store_root[k] for k in _STORE_FLOW_KEYS if k in store_root}, sort_keys=True, default=str)
 
 
 def _read_store(path: Path, stream: str, video_ids: Sequence[str] | None) -> tuple[list[str], dict[str, int], dict]:

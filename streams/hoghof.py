@@ -225,7 +225,7 @@ def frame_difference_features(clips: torch.Tensor, grid: int = 4, bins: int = 9,
     lighting = torch.asinh(flat_diff.flatten(1).mean(dim=1) / unit)  # signed global brightness change
     out = torch.cat([hog, layout, change_hist, torch.log1p(scalars), torch.log1p(normal_speed)[:, None],
                      abruptness[:, None], lighting[:, None]], dim=1)
-    return out.view(n, t, -1)
+    return out.view(n, t, out.shape[-1])  # also for N = 0
 
 
 class HogHof(nn.Module):
@@ -253,10 +253,14 @@ class HogHof(nn.Module):
         if self.temporal:
             raise ValueError("hoghof RGB features describe the change between steps: pass whole clips "
                              "(N, T, 3, H, W) to forward_clips")
+        if x.shape[0] == 0:
+            return x.new_zeros(0, self.out_dim)
         return hof_features(x, self.grid).to(x.dtype)
 
     def forward_clips(self, x: torch.Tensor) -> torch.Tensor:
         """Shape: (N, T, C, H, W) -> (N, T, out_dim), in the input's dtype."""
         if not self.temporal:
-            return self.forward(x.flatten(0, 1)).view(*x.shape[:2], -1)
+            return self.forward(x.flatten(0, 1)).view(*x.shape[:2], self.out_dim)
+        if x.shape[0] == 0:
+            return x.new_zeros(*x.shape[:2], self.out_dim)
         return frame_difference_features(x, self.grid).to(x.dtype)

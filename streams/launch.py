@@ -164,16 +164,22 @@ def ensure_features(store: Path, stream: str, cfg: RunConfig, device: torch.devi
     An existing file with the same clips and backbone weights is used as it is; its views replace
     the config's so the saved config says what trained.
     """
+    import streams.features as features_module
     from data.store import Store
-    from streams.features import cache_features, features_path
+    from streams.features import cache_features, features_path, store_flow_signature
 
     path = features_path(store, stream, cfg.model.backbone)
     clip = clip_config(cfg)
     with Store(store) as s:
         all_ids = set(s.video_ids)
+        flow_settings = store_flow_signature(s.root_attrs)
     attrs = _features_attrs(path)
     wanted = {"stream": stream, "backbone": cfg.model.backbone, "clip": json.dumps(clip.to_dict(), sort_keys=True),
               "pretrained": cfg.model.pretrained, "weights_path": str(cfg.model.weights_path or "")}
+    if cfg.model.backbone == "hoghof":  # features of another descriptor version are stale
+        wanted["encoder_version"] = features_module.HOGHOF_VERSION
+    if attrs is not None and attrs.get("store_flow", "{}") != "{}":  # a store re-extracted with other settings
+        wanted["store_flow"] = flow_settings
     if attrs is not None and all(attrs.get(k) == v for k, v in wanted.items()) and all_ids <= attrs["videos"]:
         log.info("using cached features %s", path)
     else:

@@ -125,6 +125,7 @@ def test_oom_at_batch_one_is_raised():
 def test_other_errors_are_not_mistaken_for_oom():
     assert not is_out_of_memory(ValueError("out of memory"))
     assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert is_out_of_memory(MemoryError("Farneback: out of memory in the C kernel fb_refine"))
 
 
 def test_estimator_reuses_its_batch_runner(pairs, monkeypatch):

@@ -38,3 +38,9 @@ def test_the_torch_estimators_check_their_pairs(solve):
     finite = torch.from_numpy(_frames(0.0)[0])
     assert torch.isfinite(solve(finite, finite)).all()
 
+
+
+@pytest.mark.parametrize("backend", ["torch", "opencv"])
+def test_an_empty_batch_of_pairs_gives_an_empty_flow(backend):
+    empty = np.zeros((0, 24, 32), np.uint8)
+    assert estimate(empty, empty, "tvl1", backend, "cpu").shape == (0, 24, 32, 2)

@@ -281,3 +281,10 @@ class TestAsBackbone:
             assert logits.shape == (2,)
             assert all(p.grad is not None for p in model.head.parameters())
             assert isinstance(model.backbone.net, HogHof)
+
+
+@pytest.mark.parametrize("channels", [3, 4], ids=["rgb", "flow"])
+def test_an_empty_batch_gives_empty_features(channels):
+    net = build_backbone("hoghof", channels, False, None, 32)
+    out = net.forward_clips(torch.zeros(0, 4, channels, 32, 32))
+    assert out.shape == (0, 4, net.out_dim)

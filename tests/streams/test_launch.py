@@ -126,6 +126,35 @@ def test_a_stage_one_model_reloads_with_the_backbone_its_features_came_from(tmp_
     np.testing.assert_allclose(logits, saved.logits, atol=5e-3)
 
 
+def test_hoghof_features_of_another_descriptor_version_are_not_reused_for_training(tmp_path, monkeypatch):
+    import streams.launch as launch
+
+    store = make_data(tmp_path / "data", n=8, streams=())
+    cfg = replace(_small_config(stage="head"), model=replace(_small_config().model, backbone="hoghof"))
+    path, _ = launch.ensure_features(store, "flow", cfg, torch.device("cpu"))
+    stamp = path.stat().st_mtime_ns
+    assert launch.ensure_features(store, "flow", cfg, torch.device("cpu"))[0].stat().st_mtime_ns == stamp
+    monkeypatch.setattr(features_mod, "HOGHOF_VERSION", features_mod.HOGHOF_VERSION + 1)
+    launch.ensure_features(store, "flow", cfg, torch.device("cpu"))
+    assert launch._features_attrs(path)["encoder_version"] == features_mod.HOGHOF_VERSION
+
+
+def test_features_of_a_store_re_extracted_with_other_flow_settings_are_not_reused(tmp_path):
+    import h5py
+
+    import streams.launch as launch
+
+    store = make_data(tmp_path / "data", n=8, streams=())
+    cfg = replace(_small_config(stage="head"), model=replace(_small_config().model, backbone="hoghof"))
+    path, _ = launch.ensure_features(store, "flow", cfg, torch.device("cpu"))
+    stamp = path.stat().st_mtime_ns
+    assert launch.ensure_features(store, "flow", cfg, torch.device("cpu"))[0].stat().st_mtime_ns == stamp
+    with h5py.File(store, "a") as f:  # as if extracted again in place with another method
+        f.attrs["flow_method"] = "tvl1" if f.attrs.get("flow_method") != "tvl1" else "farneback"
+    launch.ensure_features(store, "flow", cfg, torch.device("cpu"))
+    assert path.stat().st_mtime_ns != stamp
+
+
 # --- configs and small helpers ------------------------------------------------------------------
 
 
