@@ -308,8 +308,8 @@ _COMPILE_MIN_PIXELS = 4096
 _CPU_COMPILE_AFTER = 256 * 224 * 224
 _MODE: dict[str, str] = {}  # device type -> "compiled" or "eager", decided once per process
 _SOLVED: dict[str, int] = {}  # device type -> pixels solved so far
-_COMPILED: dict[tuple[str, str], Callable] = {}  # (name, device type) -> compiled function
-_PROVEN: set[tuple[str, str]] = set()  # compiled functions that have run once without error
+_COMPILED: dict[tuple[str, str, str], Callable] = {}  # (name, device type, dtype) -> compiled function
+_PROVEN: set[tuple[str, str, str]] = set()  # compiled functions that have run once without error
 _COMPILE_LOCK = threading.RLock()  # held while a compiled function is created or first run
 _DUCK_LOCK = threading.Lock()
 _DUCK_USERS = 0  # threads inside _no_duck_shapes
@@ -347,7 +347,7 @@ def _fused(name: str, fn: Callable, like: Tensor) -> Callable:
     device = like.device
     if like.shape[-1] * like.shape[-2] < _COMPILE_MIN_PIXELS or not _use_compiled(device):
         return fn
-    key = (name, device.type)
+    key = (name, device.type, str(like.dtype))  # a new dtype recompiles: its first call takes the lock too
     with _COMPILE_LOCK:
         if key not in _COMPILED:
             _COMPILED[key] = torch.compile(fn, dynamic=True, fullgraph=True, options=_COMPILE_OPTIONS.get(device.type))
@@ -368,7 +368,7 @@ def _fused(name: str, fn: Callable, like: Tensor) -> Callable:
     return call
 
 
-def _first_call(key: tuple[str, str], fn: Callable, compiled: Callable, args: tuple) -> object:
+def _first_call(key: tuple[str, str, str], fn: Callable, compiled: Callable, args: tuple) -> object:
     """Run `compiled` (compiling it) once; on a compiler failure switch the device type to eager steps."""
     device_type = key[1]
     if _MODE.get(device_type) == "eager":  # another thread's compilation failed meanwhile
