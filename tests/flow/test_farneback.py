@@ -90,20 +90,23 @@ def test_flow_equals_opencv_per_pixel(pairs, params):
     assert diff.max() < 1e-6
 
 
+def _opencv_pyramid_level(scale: float) -> tuple[np.ndarray, tuple[int, int], np.ndarray]:
+    """A 96x128 noise image, the level size at `scale`, and OpenCV's level: GaussianBlur with
+    Farneback's sigma and kernel size, then cv2.resize."""
+    img = np.random.default_rng(2).uniform(0, 255, (96, 128)).astype(np.float32)
+    sigma = (1 / scale - 1) * 0.5
+    ksize = max(round(sigma * 5) | 1, 3)
+    size = (round(96 * scale), round(128 * scale))
+    level = cv2.resize(cv2.GaussianBlur(img, (ksize, ksize), sigma, sigma), size[::-1], interpolation=cv2.INTER_LINEAR)
+    return img, size, level
+
+
 @pytest.mark.parametrize("scale", [1.0, 0.5, 0.25, 0.125, 0.6])
 def test_pyramid_level_equals_opencv(scale):
     # OpenCV smooths the full image (GaussianBlur, FMA-ordered sums) and resizes it (a 2x2 mean
     # for an exact halving, IPP's fused interpolation otherwise); widths that are multiples of 8
     # keep OpenCV's vectorised code on every column.
-    img = np.random.default_rng(2).uniform(0, 255, (96, 128)).astype(np.float32)
-    sigma = (1 / scale - 1) * 0.5
-    ksize = max(round(sigma * 5) | 1, 3)
-    size = (round(96 * scale), round(128 * scale))
-    expected = cv2.resize(
-        cv2.GaussianBlur(img, (ksize, ksize), sigma, sigma),
-        size[::-1],
-        interpolation=cv2.INTER_LINEAR,
-    )
+    img, size, expected = _opencv_pyramid_level(scale)
     ours = pyramid_level(torch.from_numpy(img)[None, None], scale, size)[0, 0].numpy()
     np.testing.assert_array_equal(ours, expected)
 
@@ -333,15 +336,7 @@ def test_c_kernels_pool_and_batch_agree(native, pairs, monkeypatch):
 
 @pytest.mark.parametrize("scale", [1.0, 0.5, 0.25, 0.125, 0.6])
 def test_c_pyramid_level_equals_opencv_and_eager(native, scale):
-    img = np.random.default_rng(2).uniform(0, 255, (96, 128)).astype(np.float32)
-    sigma = (1 / scale - 1) * 0.5
-    ksize = max(round(sigma * 5) | 1, 3)
-    size = (round(96 * scale), round(128 * scale))
-    expected = cv2.resize(
-        cv2.GaussianBlur(img, (ksize, ksize), sigma, sigma),
-        size[::-1],
-        interpolation=cv2.INTER_LINEAR,
-    )
+    img, size, expected = _opencv_pyramid_level(scale)
     images = torch.from_numpy(np.stack([img, img[::-1].copy()]))[:, None]
     ours = _farneback_native.pyramid_level(images, scale, size)
     np.testing.assert_array_equal(ours[0, 0].numpy(), expected)

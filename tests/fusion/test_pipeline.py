@@ -205,12 +205,27 @@ def test_cv_refuses_more_folds_than_groups(trained):
         cross_validate(store, folds=9, out=store.parent / "cv")
 
 
+def fake_fold_training(store_path, out, cfg, noise: float = 1.0) -> dict[str, str]:
+    """Stand-in for `train_run` on one fold: each stream's val and test predictions, logits
+    following the labels (flow twice as strongly as rgb) plus Gaussian noise, on the fold's own split."""
+    from data.clips import video_ids_for_split
+    from data.store import Store
+    from streams.train import parse_fold
+
+    ids = video_ids_for_split(store_path, fold=parse_fold(cfg.train.fold), seed=cfg.train.seed)
+    with Store(store_path) as s:
+        for split in ("val", "test"):
+            y = np.array([s.label(v) for v in ids[split]])
+            for k, stream in enumerate(("rgb", "flow")):
+                logits = (2 * y - 1) * (1 + k) + np.random.default_rng(k).normal(0, noise, len(y))
+                write_predictions(Path(out) / stream / f"predictions_{split}.csv", ids[split], y, logits)
+    return {"rgb": "trained", "flow": "trained"}
+
+
 def test_cross_validation_rounds_hold_out_whole_recordings(tmp_path, monkeypatch):
     import fusion.pipeline as pipeline
     from data.clips import video_ids_for_split
-    from data.store import Store
     from fusion.presets import CPU
-    from streams.train import parse_fold
 
     store = tmp_path / "s.h5"
     rng = np.random.default_rng(0)
@@ -223,16 +238,8 @@ def test_cross_validation_rounds_hold_out_whole_recordings(tmp_path, monkeypatch
     trained = []
 
     def fake_train(store_path, out, cfg, devices, on_event=None):
-        """Stand-in for training: streams whose logits follow the labels, on the fold's own split."""
         trained.append(cfg.train.fold)
-        ids = video_ids_for_split(store_path, fold=parse_fold(cfg.train.fold))
-        with Store(store_path) as s:
-            for split in ("val", "test"):
-                y = np.array([s.label(v) for v in ids[split]])
-                for k, stream in enumerate(("rgb", "flow")):
-                    logits = (2 * y - 1) * (1 + k) + np.random.default_rng(k).normal(0, 1, len(y))
-                    write_predictions(Path(out) / stream / f"predictions_{split}.csv", ids[split], y, logits)
-        return {"rgb": "trained", "flow": "trained"}
+        return fake_fold_training(store_path, out, cfg)
 
     monkeypatch.setattr(pipeline, "train_run", fake_train)
     doc = cross_validate(store, folds=4, out=tmp_path / "cv", preset=CPU, inner_folds=0)
@@ -263,17 +270,7 @@ def test_cross_validation_of_a_dataset_folder_indexes_and_extracts_it_first(tmp_
 
     def fake_train(store_path, out, cfg, devices, on_event=None):
         seen.append(Path(store_path))
-        from data.clips import video_ids_for_split
-        from streams.train import parse_fold
-
-        ids = video_ids_for_split(store_path, fold=parse_fold(cfg.train.fold))
-        with Store(store_path) as s:
-            for split in ("val", "test"):
-                y = np.array([s.label(v) for v in ids[split]])
-                for k, stream in enumerate(("rgb", "flow")):
-                    logits = (2 * y - 1) * (1 + k) + np.random.default_rng(k).normal(0, 0.5, len(y))
-                    write_predictions(Path(out) / stream / f"predictions_{split}.csv", ids[split], y, logits)
-        return {"rgb": "trained", "flow": "trained"}
+        return fake_fold_training(store_path, out, cfg, noise=0.5)
 
     monkeypatch.setattr(pipeline, "train_run", fake_train)
     doc = cross_validate(data, folds=2, out=tmp_path / "cv", preset=CPU, inner_folds=0)
