@@ -84,12 +84,14 @@ def pair_rows(
 def accuracy_rows(
     triples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], device: torch.device
 ) -> list[tuple]:
-    """(preset, EPE torch, EPE cv2, mean |torch - cv2|, max |torch - cv2|) over pairs."""
+    """(preset, EPE torch, EPE cv2, mean |torch - cv2|, max |torch - cv2|, the pair_rows they
+    summarise) over pairs."""
     rows = []
     for name, params in PRESETS.items():
-        per_pair = np.array(pair_rows(triples, params, device))
-        ours, theirs, gap = per_pair[:, :3].mean(0)
-        rows.append((name, float(ours), float(theirs), float(gap), float(per_pair[:, 3].max())))
+        per_pair = pair_rows(triples, params, device)
+        table = np.array(per_pair)
+        ours, theirs, gap = table[:, :3].mean(0)
+        rows.append((name, float(ours), float(theirs), float(gap), float(table[:, 3].max()), per_pair))
     return rows
 
 
@@ -225,13 +227,16 @@ def main() -> None:
         print(f"note: no FlyingChairs folder at {args.data}; its rows are skipped")
     print("\nmean EPE (px) against ground truth, same parameters for both")
     print(f"{'pairs':<48} {'preset':<9} {'torch':>9} {'opencv':>9} {'|torch-cv|':>11} {'max':>9}")
-    for label, triples in sets:
-        for preset, ours, theirs, gap, most in accuracy_rows(triples, device):
+    chairs_per_pair = {}  # preset -> FlyingChairs pair_rows, kept for --per-pair
+    for index, (label, triples) in enumerate(sets):
+        for preset, ours, theirs, gap, most, per_pair in accuracy_rows(triples, device):
             print(f"{label:<48} {preset:<9} {ours:9.5f} {theirs:9.5f} {gap:11.2e} {most:9.2e}")
-    if args.per_pair and len(sets) > 1:
+            if index == 1:  # sets[1]: FlyingChairs, when its folder is there
+                chairs_per_pair[preset] = per_pair
+    if args.per_pair and chairs_per_pair:
         print("\nFlyingChairs per pair: EPE torch, EPE opencv (px), mean and max |torch - cv| (px)")
-        for preset, params in PRESETS.items():
-            for i, row in enumerate(pair_rows(sets[1][1], params, device)):
+        for preset, per_pair in chairs_per_pair.items():
+            for i, row in enumerate(per_pair):
                 print(
                     f"{preset:<9} pair {i}  {row[0]:9.5f} {row[1]:9.5f} {row[2]:11.2e} {row[3]:9.2e}"
                 )

@@ -230,10 +230,10 @@ def _refine(r0: Tensor, r1: Tensor, flow: Tensor, params: FarnebackParams) -> Te
         r0, r1 (5, N, h, w) channels (rx, ry, rxx, rxy, ryy); flow (2, N, h, w) -> (2, N, h, w).
     """
     height, width = r0.shape[-2:]
-    gaussian = bool(params.flags & OPTFLOW_FARNEBACK_GAUSSIAN)
+    radius = params.winsize // 2
+    taps = _ops.window_taps(radius) if params.flags & OPTFLOW_FARNEBACK_GAUSSIAN else None
+    border = _ops.border_weight(height, width, flow)  # (h, w), 1 away from the edges
     if _native.available(flow):
-        border = _ops.border_weight(height, width, flow)
-        taps = _ops.window_taps(params.winsize // 2) if gaussian else None
         return _native.refine(r0, r1, flow, border, params.winsize, params.iterations, taps)
     like = dict(dtype=flow.dtype, device=flow.device)
     sample = _ops.Sampler(r1) if height > 1 and width > 1 else None  # else no pixel is inside
@@ -241,8 +241,6 @@ def _refine(r0: Tensor, r1: Tensor, flow: Tensor, params: FarnebackParams) -> Te
     # these values in place of R1's samples give exactly that in the shared arithmetic below.
     fallback = r0 * torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0], **like).view(5, 1, 1, 1)
     half = torch.tensor([0.5, 0.5, 0.5, 0.25, 0.5], **like).view(5, 1, 1, 1)  # A = mean; rxy / 2
-    border = _ops.border_weight(height, width, flow)  # (h, w), 1 away from the edges
-    radius = params.winsize // 2
 
     def update_matrices(flow: Tensor) -> Tensor:
         """G = A^T A and h = A^T delta b per pixel, with A = (A1(x) + A2(x + d)) / 2 and
@@ -261,8 +259,7 @@ def _refine(r0: Tensor, r1: Tensor, flow: Tensor, params: FarnebackParams) -> Te
         torch.mul(t[2] + t[4], t[3], out=m[4])  # gxy
         return m
 
-    if gaussian:
-        taps = _ops.window_taps(radius)
+    if taps is not None:
         window = lambda m: _ops.gaussian_window(m, radius, taps)  # noqa: E731
     else:
         window = lambda m: _ops.box_window(m, radius, params.winsize)  # noqa: E731

@@ -39,7 +39,8 @@ from flow._ops import (
     resize,
     warp,
 )
-from flow.cpu_parallel import map_pairs, worker_count
+from flow.batching import is_out_of_memory
+from flow.cpu_parallel import map_pairs
 from flow.pairs import check_pair
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def _tvl1(prev: Tensor, nxt: Tensor, p: TVL1Params, sync_every: int | None = Non
         # pairs of 224 x 224 ran at 1.3 pairs/s, on 8 at 2.0) and solved on one thread per core,
         # each with one intra-op thread (flow/cpu_parallel.py says why). Batch 8 at 224 x 224 on 2
         # idle cores: eager 5.1 pairs/s on 2 threads vs 2.4 on 1, compiled 6.9 vs 3.9.
-        flow = map_pairs(solve, prev, nxt, max(1, _CPU_GROUP_PIXELS // (height * width)), worker_count(device, n))
+        flow = map_pairs(solve, prev, nxt, max(1, _CPU_GROUP_PIXELS // (height * width)))
     return flow.to(out_dtype).clone(memory_format=torch.contiguous_format)
 
 
@@ -376,7 +377,7 @@ def _first_call(key: tuple[str, str, str], fn: Callable, compiled: Callable, arg
     try:
         result = compiled(*args)
     except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
-        if _is_out_of_memory(exc):
+        if is_out_of_memory(exc):
             raise
         _MODE[device_type] = "eager"
         first = str(exc).splitlines()[0] if str(exc) else ""
@@ -418,9 +419,3 @@ def _tensors(args) -> list[Tensor]:
         elif isinstance(arg, list | tuple):
             found += _tensors(arg)
     return found
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
-
-

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import flow.cpu_parallel as cpu_parallel
 import flow.tvl1 as tvl1_module
 from flow.groundtruth import epe, synthetic_pairs, textured_image
 from flow.tvl1 import TVL1, TVL1Params, tvl1
@@ -76,7 +77,7 @@ def test_batch_equals_pairs_one_by_one():
     sizes = []
     step = tvl1_module._step
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tvl1_module, "worker_count", lambda device, pairs: 1)  # the whole batch in one solve
+        mp.setattr(cpu_parallel, "worker_count", lambda device, pairs: 1)  # the whole batch in one solve
         mp.setattr(tvl1_module, "_step", lambda *args: (sizes.append(args[0].shape[0]), step(*args))[1])
         batch = tvl1(p, n, FAST)
     assert sizes[0] == 3 and min(sizes) == 1  # converged pairs did leave the batch
@@ -98,7 +99,7 @@ def test_cpu_batch_is_spread_over_threads_without_changing_a_pair():
     threads = set()
     step = tvl1_module._step
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tvl1_module, "worker_count", lambda device, pairs: 2)
+        mp.setattr(cpu_parallel, "worker_count", lambda device, pairs: 2)
         mp.setattr(tvl1_module, "_step", lambda *args: (threads.add(threading.get_ident()), step(*args))[1])
         spread = tvl1(p, n, FAST)
     assert len(threads) == 2 and threading.get_ident() not in threads
@@ -299,7 +300,7 @@ class TestFusion:
             return run
 
         monkeypatch.setattr(torch, "compile", slow_identity_compiler)
-        monkeypatch.setattr(tvl1_module, "worker_count", lambda device, pairs: 2)
+        monkeypatch.setattr(cpu_parallel, "worker_count", lambda device, pairs: 2)
         duck_before = torch.fx.experimental._config.use_duck_shape
         out = tvl1(_t(prev), _t(nxt), FAST)
         assert most == {"first": 1, "any": 2}
