@@ -183,7 +183,7 @@ def head_rows(tmp: Path, threads: list[int], args, device: torch.device) -> None
     print(f"stage 1: {args.videos} videos, T={args.steps}, D={args.dim}, batch {args.batch}, device {device}; "
           f"FeatureBank {FeatureBank.nbytes(ds) / 2**20:.0f} MiB (peak RSS {rss0:.0f} -> {peak_rss_mb():.0f} MiB)")
     fp32, default = Precision(), resolve_precision("auto", device)
-    # (input, bank, fused LSTM, fused AdamW, precision), one lever added per row; the trainer's path last.
+    # (input, bank, fused LSTM, fused AdamW, precision), one lever added per row.
     variants = [("DataLoader (per item)", None, False, False, fp32), ("FeatureBank (memory)", bank, False, False, fp32),
                 ("FeatureBank (memory)", bank, True, False, fp32), ("FeatureBank (memory)", bank, True, True, fp32)]
     if device.type == "cpu":
@@ -193,7 +193,9 @@ def head_rows(tmp: Path, threads: list[int], args, device: torch.device) -> None
     else:  # cuDNN's LSTM beats a Python time loop on a GPU
         variants = [v for v in variants if not v[2]] + [("FeatureBank (memory)", bank, False, True, fp32),
                                                         ("FeatureBank (memory)", bank, False, True, default)]
-    trainer = variants[-1]
+    # The trainer's path: the last row at amp "auto"'s precision (on a CPU without native bfloat16 that
+    # is the fp32 row before the whole-forward bf16 one).
+    trainer = next(v for v in reversed(variants) if v[4] == default)
     print(f"{'threads':>7}  {'input':<22} {'LSTM':<6} {'AdamW':<8} {'precision':<10} {'clips/s':>8} {'best':>7} "
           f"{'CPU ms/clip':>12}")
     for n in threads:

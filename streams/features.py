@@ -112,7 +112,7 @@ def cache_features(
         "seed": int(seed),
         "pretrained": bool(pretrained),
         "weights_path": str(weights_path or ""),
-        "encoder_version": HOGHOF_VERSION if backbone == "hoghof" else 0,
+        "encoder_version": encoder_version(backbone),
         "store": str(store_path.resolve()),
         "store_flow": store_flow_signature(store_root),
     }
@@ -166,6 +166,11 @@ def cache_features(
     _finish(partial, out)
     log.info("features written to %s", out)
     return out
+
+
+def encoder_version(backbone: str) -> int:
+    """The version of a hand-crafted encoder's descriptors (hoghof), recorded with its features; 0 for CNNs."""
+    return HOGHOF_VERSION if backbone == "hoghof" else 0
 
 
 def store_flow_signature(store_root: dict) -> str:

@@ -131,7 +131,7 @@ def hof_features(flow: torch.Tensor, grid: int = 4, bins: int = 8, unit: float =
                       entropy[:, None]], dim=1)
 
 
-def _gradient_histograms(gray: torch.Tensor, grid: int, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gradient_histograms(gray: torch.Tensor, grid: int, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-Hys HOG and sorted cell shares of the gradient energy of grey images.
 
     Gradients are central differences (edge-replicated borders). Shape: (N, H, W) -> (N, bins),
@@ -146,23 +146,6 @@ def _gradient_histograms(gray: torch.Tensor, grid: int, bins: int) -> tuple[torc
     energy = F.adaptive_avg_pool2d(torch.hypot(gx, gy)[:, None], grid).flatten(1)  # (N, grid^2)
     layout = (energy / energy.sum(dim=1, keepdim=True).clamp_min(1e-6)).sort(dim=1, descending=True).values
     return hog, layout
-
-
-def hog_features(frames: torch.Tensor, grid: int = 4, bins: int = 9) -> torch.Tensor:
-    """Position-invariant HOG, gradient layout and colour statistics of single frames.
-
-    Gradients are those of the channel mean. Not part of the encoder (see the module docstring:
-    single-frame appearance identifies scenes); kept as the static counterpart of
-    `frame_difference_features`.
-
-    Shape: (N, C, H, W) -> (N, bins + grid^2 + 2 C).
-    """
-    if frames.ndim != 4:
-        raise ValueError(f"frames must be (N, C, H, W), got {tuple(frames.shape)}")
-    frames = frames.float()
-    hog, layout = _gradient_histograms(frames.mean(dim=1), grid, bins)
-    colour = torch.cat([frames.mean(dim=(2, 3)), frames.std(dim=(2, 3))], dim=1)  # (N, 2C)
-    return torch.cat([hog, layout, colour], dim=1)
 
 
 def step_differences(gray: torch.Tensor) -> torch.Tensor:
@@ -205,7 +188,7 @@ def frame_difference_features(clips: torch.Tensor, grid: int = 4, bins: int = 9,
     diff = step_differences(gray)  # (N, T, H, W): first temporal derivative
     accel = step_differences(diff)  # second derivative: how abruptly the change changes
     flat_diff, flat_gray = diff.flatten(0, 1), gray.flatten(0, 1)  # (N*T, H, W)
-    hog, layout = _gradient_histograms(flat_diff, grid, bins)
+    hog, layout = gradient_histograms(flat_diff, grid, bins)
 
     change = flat_diff.abs().flatten(1) / unit  # (N*T, H*W), in grey levels
     edges = torch.tensor(_DIFF_EDGES, device=clips.device, dtype=change.dtype)

@@ -164,9 +164,13 @@ def ensure_features(store: Path, stream: str, cfg: RunConfig, device: torch.devi
     An existing file with the same clips and backbone weights is used as it is; its views replace
     the config's so the saved config says what trained.
     """
-    import streams.features as features_module
     from data.store import Store
-    from streams.features import cache_features, features_path, store_flow_signature
+    from streams.features import (
+        cache_features,
+        encoder_version,
+        features_path,
+        store_flow_signature,
+    )
 
     path = features_path(store, stream, cfg.model.backbone)
     clip = clip_config(cfg)
@@ -176,8 +180,9 @@ def ensure_features(store: Path, stream: str, cfg: RunConfig, device: torch.devi
     attrs = _features_attrs(path)
     wanted = {"stream": stream, "backbone": cfg.model.backbone, "clip": json.dumps(clip.to_dict(), sort_keys=True),
               "pretrained": cfg.model.pretrained, "weights_path": str(cfg.model.weights_path or "")}
-    if cfg.model.backbone == "hoghof":  # features of another descriptor version are stale
-        wanted["encoder_version"] = features_module.HOGHOF_VERSION
+    version = encoder_version(cfg.model.backbone)
+    if version:  # hoghof: features of another descriptor version are stale
+        wanted["encoder_version"] = version
     if attrs is not None and attrs.get("store_flow", "{}") != "{}":  # a store re-extracted with other settings
         wanted["store_flow"] = flow_settings
     if attrs is not None and all(attrs.get(k) == v for k, v in wanted.items()) and all_ids <= attrs["videos"]:

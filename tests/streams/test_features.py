@@ -120,6 +120,13 @@ def test_hoghof_features_of_another_descriptor_version_are_recomputed(store, mon
         assert f.attrs["encoder_version"] == features.HOGHOF_VERSION
 
 
+@pytest.mark.parametrize("backbone, versioned", [("hoghof", True), ("vgg19", False), ("resnet50", False)])
+def test_encoder_version_tracks_hand_crafted_descriptors_only(backbone, versioned):
+    from streams.hoghof import VERSION
+
+    assert features_mod.encoder_version(backbone) == (VERSION if versioned else 0)
+
+
 def test_temporal_rgb_features_are_cached_per_clip_as_the_model_computes_them(store):
     # hoghof's RGB features describe change between steps: the cache must hand it whole clips,
     # exactly as StreamModel.forward_features does at prediction time.
