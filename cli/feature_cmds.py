@@ -26,8 +26,6 @@ class Stream(str, Enum):
     flow = "flow"
 
 
-
-
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
     app.command("features")(features)

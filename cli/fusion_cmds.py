@@ -128,7 +128,7 @@ def cv(
     devices: Annotated[str | None, typer.Option(help="One device per stream, e.g. cuda:0,cuda:1 or cpu,cpu.")] = None,
     tta: Annotated[int, typer.Option(help=TTA_HELP)] = 1,
     goal: Annotated[Goal, typer.Option(help="Operating-point goal chosen on each fold's validation part.")] = Goal.accuracy,
-    seed: Annotated[int, typer.Option(help="Seed of the folds and of training (preset only); rerun with others for repeated k-fold.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Seed of the folds and of training (preset only; a --config sets train.seed); rerun with others for repeated k-fold. Default 0.")] = None,
     inner_folds: Annotated[int | None, typer.Option(help="Fit fusion and thresholds on out-of-fold predictions of each fold's non-test videos from K inner group folds (0 = on its validation part; default: the preset's).")] = None,
 ) -> None:
     """Cross-validate: per fold train both streams, fuse on its validation part, evaluate on the fold."""
@@ -138,11 +138,13 @@ def cv(
     check_tta(tta)
     cfg = None
     if config is not None:
+        if seed is not None:
+            raise ValueError(f"--seed applies to the preset; with --config set train.seed in {config}")
         from streams.rundir import resolve_run_config
 
         cfg = resolve_run_config(config)
     doc = cross_validate(store, folds, out_dir, preset.value, cfg, _parse_devices(devices), tta, epochs, goal.value,
-                         on_event=_fold_printer(), seed=seed, inner_folds=inner_folds)
+                         on_event=_fold_printer(), seed=seed or 0, inner_folds=inner_folds)
     rows = [[m, *(f"{s[k]['mean']:.4f} ± {s[k]['std']:.4f}" for k in ("accuracy", "macro_f1", "roc_auc"))]
             for m, s in doc["summary"].items()]
     out.print(table(f"{folds}-fold cross-validation of {store}", ["model", "accuracy", "macro-F1", "ROC-AUC"], rows))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -68,13 +68,10 @@ def inner_folds(store: str | Path, train_cfg, k: int) -> InnerFolds:
     training part could then lack it).
     """
     from data.splits import group_kfold
-    from streams.launch import split_ids
     from streams.train import parse_fold
 
     check_inner_folds(k)
-    ids = split_ids(store, train_cfg)
-    non_test = ids["train"] + ids["val"]
-    labels, groups = _labels_groups(store, non_test)
+    non_test, labels, groups = _non_test_part(store, train_cfg)
     where = f"fold {parse_fold(train_cfg.fold)[0]}'s non-test part" if train_cfg.fold else "the non-test part"
     for label, name in ((1, "violent"), (0, "non-violent")):
         n = len(np.unique(groups[labels == label]))
@@ -83,8 +80,25 @@ def inner_folds(store: str | Path, train_cfg, k: int) -> InnerFolds:
                              f"use at most {n}")
     # Seeded by the run's seed: the same K parts for both streams and on a rerun.
     folds = group_kfold(labels, groups, k, seed=train_cfg.seed)
-    order = np.argsort(np.asarray(non_test, dtype=str), kind="stable")
-    return InnerFolds(np.asarray(non_test, dtype=str)[order], labels[order], groups[order], folds[order])
+    order = np.argsort(non_test, kind="stable")
+    return InnerFolds(non_test[order], labels[order], groups[order], folds[order])
+
+
+def max_inner_folds(store: str | Path, train_cfg) -> int:
+    """The most inner folds `inner_folds` accepts for the outer fold `train_cfg.fold`: the fewest
+    recordings holding one class in its non-test part (may be below 2)."""
+    _, labels, groups = _non_test_part(store, train_cfg)
+    return min(len(np.unique(groups[labels == label])) for label in (0, 1))
+
+
+def _non_test_part(store: str | Path, train_cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Video ids (str), labels (int64) and groups (str) of the outer fold's train + val videos, each (N,)."""
+    from streams.launch import split_ids
+
+    ids = split_ids(store, train_cfg)
+    non_test = ids["train"] + ids["val"]
+    labels, groups = _labels_groups(store, non_test)
+    return np.asarray(non_test, dtype=str), labels, groups
 
 
 def _labels_groups(store: str | Path, video_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -109,6 +123,7 @@ def out_of_fold(
     Written to FOLD/<stream>/predictions_oof.csv and FOLD/oof.json; reused when both are there for
     the same K and newer than the streams' best.pt.
     """
+    from flow.devices import resolve_device
     from streams.rundir import RunDir
 
     fold_dir = Path(fold_dir)
@@ -126,7 +141,7 @@ def out_of_fold(
             raise ValueError(f"--inner-folds retrains heads on cached features; {runs[stream].path} was fine-tuned "
                              "end to end (stage 2): use head-only training (stage = head) or --inner-folds 0")
         epochs[stream] = int(best["epoch"])
-        device = _device(devices[i] if i < len(devices) else "auto")
+        device = resolve_device(devices[i] if i < len(devices) else "auto")
         ids, labels, logits = [], [], []
         for fold in range(split.k):
             held = split.folds == fold
@@ -143,12 +158,6 @@ def out_of_fold(
             "group_of": {v: str(g) for v, g in zip(split.video_ids, split.groups, strict=True)}}
     write_atomic(fold_dir / _META, json.dumps(meta, indent=2) + "\n")
     return out
-
-
-def _device(name: str) -> torch.device:
-    from flow.devices import resolve_device
-
-    return resolve_device(name)
 
 
 def _cached(fold_dir: Path, split: InnerFolds) -> dict[str, Predictions] | None:
@@ -235,10 +244,3 @@ def train_inner_head(
         raise RuntimeError("inner-fold predictions came back in another order than the held-out videos")
     return logits
 
-
-def fitted_on(fit_set: Mapping[str, Predictions] | None) -> str:
-    """Which set fusion and thresholds were fitted on, in words for reports."""
-    if fit_set is None:
-        return "validation part"
-    n = len(next(iter(fit_set.values())))
-    return f"out-of-fold predictions of the {n} non-test videos"

@@ -494,7 +494,7 @@ def cross_validate(
     Writes OUT/fold<k>/ runs, OUT/cv.json and OUT/cv.md; returns the
     summary {"folds": [...], "summary": {model: {metric: {"mean", "std"}}}}.
     """
-    from fusion.oof import check_inner_folds, fitted_on, out_of_fold
+    from fusion.oof import check_inner_folds, out_of_fold
     from fusion.presets import train_devices
 
     store = Path(store)
@@ -544,7 +544,7 @@ def cross_validate(
         except ValueError as exc:
             raise ValueError(f"fold {fold} of {folds}: {exc}") from None
         rows.append({"fold": fold, "run": str(fold_dir), "fallback_reason": result["fallback_reason"],
-                     "fusion_method": result["fusion_method"], "fitted_on": fitted_on(fit_set),
+                     "fusion_method": result["fusion_method"], "fitted_on": "validation" if fit_set is None else "out-of-fold",
                      "n_fit": result["n_fit"],
                      **{m: {name: _pick(result["metrics"][m], keys) for name, keys in _CV_METRICS}
                         for m in ("rgb", "flow", "fused")},
@@ -562,18 +562,17 @@ def cross_validate(
 def _preset_inner_folds(store: Path, base, folds: int, wanted: int, tta: int) -> int:
     """The preset's inner fold count where it applies: at most `wanted`, no more than every outer
     fold's non-test part has recordings of each class; 0 with TTA views or fine-tuning."""
+    from fusion.oof import max_inner_folds
+
     if tta > 1 or base.train.stage != "head":
         return 0
-    for n_inner in range(wanted, 1, -1):
-        try:
-            _check_inner(store, base, folds, n_inner)
-        except ValueError:
-            continue
-        if n_inner < wanted:
-            logger.info("inner folds: %d (the preset's %d would leave a class out of an inner part)", n_inner, wanted)
-        return n_inner
-    logger.info("inner folds: off (too few recordings per class outside a test fold)")
-    return 0
+    allowed = min(max_inner_folds(store, replace(base.train, fold=f"{fold}/{folds}")) for fold in range(folds))
+    if allowed < 2:
+        logger.info("inner folds: off (too few recordings per class outside a test fold)")
+        return 0
+    if allowed < wanted:
+        logger.info("inner folds: %d (the preset's %d would leave a class out of an inner part)", allowed, wanted)
+    return min(wanted, allowed)
 
 
 def _check_inner(store: Path, base, folds: int, n_inner: int) -> None:

@@ -54,7 +54,6 @@ CROPS = (  # (zoom, (x offset, y offset)); zoom 1 = the full frame
     (1 / CROP_SHARE, (_CORNER, _CORNER)),
 )
 MAX_VIEWS = 2 * len(PHASES) * len(CROPS)
-_DEFAULT_BOUND = 20.0  # px; stores that predate the recorded bound used TSN's
 
 
 @dataclass(frozen=True)
@@ -165,12 +164,6 @@ def clip_from_arrays(
     raise ValueError(f"unknown stream {stream!r}; expected 'rgb' or 'flow'")
 
 
-def store_flow_bound(store: Store, video_id: str) -> float:
-    """The bound (px) the store recorded for a video's flow, else the store's, else TSN's 20."""
-    root = store.root_attrs.get("flow_bound", _DEFAULT_BOUND)
-    return float(store.attrs(video_id).get("flow_bound", root))
-
-
 class ViewDataset(torch.utils.data.Dataset):
     """One view's clips of one stream from a store, one item per video.
 
@@ -211,7 +204,7 @@ class ViewDataset(torch.utils.data.Dataset):
             "index": torch.from_numpy(pos.astype(np.int64)),
         }
         if self.stream == "flow":
-            item["bound"] = torch.tensor(store_flow_bound(self.store, video_id), dtype=torch.float32)
+            item["bound"] = torch.tensor(self.store.flow_bound(video_id), dtype=torch.float32)
         return item
 
 

@@ -103,6 +103,13 @@ def test_cv_with_bad_inner_folds(tmp_path, k, message):
                          "--inner-folds", k), message)
 
 
+def test_cv_seed_with_a_config_is_refused_not_ignored(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[train]\nseed = 3\n")
+    _one_line_error(_run("cv", tmp_path / "none.h5", "--out", tmp_path / "cv", "--config", config, "--seed", "1"),
+                    "train.seed")
+
+
 def test_cv_missing_store(tmp_path):
     _one_line_error(_run("cv", tmp_path / "none.h5", "--out", tmp_path / "cv"), "twostream extract")
 

@@ -10,12 +10,13 @@ import fusion.oof as oof
 from data.clips import ClipConfig, video_ids_for_split
 from data.store import Store, StoreWriter
 from fusion.oof import check_inner_folds, inner_folds, out_of_fold, train_inner_head
-from fusion.predictions import Predictions, load_split, read_predictions, write_predictions
+from fusion.predictions import Predictions, load_split, read_predictions
 from streams.config import ModelConfig, OptimConfig
 from streams.features import features_path
 from streams.launch import train_stream
 from streams.rundir import RunConfig, RunDir
 from streams.train import TrainConfig, parse_fold
+from tests.fusion.test_pipeline import fake_fold_training
 
 STEPS, DIM = 4, 16
 TINY = ModelConfig(lstm_layers=1, lstm_hidden=8, attention_heads=2, dense_units=(8,), dropout=0.0, lstm_dropout=0.0)
@@ -113,6 +114,7 @@ def test_more_inner_folds_than_recordings_of_a_class(tmp_path):
     n_violent = len(np.unique(split.groups[split.labels == 1]))
     n_calm = len(np.unique(split.groups[split.labels == 0]))
     k = min(n_violent, n_calm) + 1
+    assert oof.max_inner_folds(store, cfg) == k - 1 and inner_folds(store, cfg, k - 1).k == k - 1
     with pytest.raises(ValueError, match=rf"--inner-folds {k} is more than the \d+ recordings with .*fold 0's "
                                          rf"non-test part; use at most {k - 1}"):
         inner_folds(store, cfg, k)
@@ -188,15 +190,7 @@ def test_out_of_fold_refuses_a_fine_tuned_run(fold_run, tmp_path):
 
 
 def _fake_train(store_path, out, cfg, devices, on_event=None):
-    """Stand-in for training: streams whose logits follow the labels, on the fold's own split."""
-    ids = video_ids_for_split(store_path, fold=parse_fold(cfg.train.fold), seed=cfg.train.seed)
-    with Store(store_path) as s:
-        for split in ("val", "test"):
-            y = np.array([s.label(v) for v in ids[split]])
-            for k, stream in enumerate(("rgb", "flow")):
-                logits = (2 * y - 1) * (1 + k) + np.random.default_rng(k).normal(0, 1, len(y))
-                write_predictions(Path(out) / stream / f"predictions_{split}.csv", ids[split], y, logits)
-    return {"rgb": "trained", "flow": "trained"}
+    return fake_fold_training(store_path, out, cfg)
 
 
 def _fake_oof(seen):
@@ -234,6 +228,7 @@ def test_cross_validation_fits_fusion_and_thresholds_on_out_of_fold_predictions(
         assert len(non_test) > len(ids["val"])
         assert comparison["test"]["fused"]["n"] == len(ids["test"])
         assert doc["rounds"][fold]["n_fit"] == len(non_test)
+        assert doc["rounds"][fold]["fitted_on"] == comparison["fitted_on"]
     assert "out-of-fold predictions" in (tmp_path / "cv" / "cv.md").read_text()
 
 
@@ -250,6 +245,7 @@ def test_zero_inner_folds_is_the_plain_cross_validation(tmp_path, monkeypatch):
     for fold in range(3):
         ids = video_ids_for_split(store, fold=(fold, 3), seed=0)
         assert zero["rounds"][fold]["n_fit"] == len(ids["val"])
+        assert zero["rounds"][fold]["fitted_on"] == "validation"
         comparison = json.loads((tmp_path / "b" / f"fold{fold}" / "fusion_comparison.json").read_text())
         assert comparison["fitted_on"] == "validation"
 

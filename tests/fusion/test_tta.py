@@ -96,6 +96,19 @@ class TestClips:
             assert a["video_id"] == b["video_id"] and float(a["label"]) == float(b["label"])
             assert torch.equal(a["index"], b["index"])
             torch.testing.assert_close(a["clip"], b["clip"])
+            assert set(a) == set(b)
+            if stream == "flow":
+                assert float(a["bound"]) == float(b["bound"]) == BOUND
+
+    def test_flow_items_carry_the_bound_the_store_recorded(self, tmp_path):
+        path = tmp_path / "b.h5"
+        with StoreWriter(path, flow_codec="uint8", bound=7.5) as w:
+            rgb, flow = _arrays(5, 1)
+            w.write("v0", rgb, flow, dict(label=1, group="g0", split="test", source_path="/v0.mp4",
+                                          source_fps=10.0, source_size=[SIDE, SIDE], flow_method="synthetic"))
+        item = ViewDataset(path, ["v0"], "flow", ClipConfig(steps=2, flow_stack=2), ViewSpec())[0]
+        assert float(item["bound"]) == 7.5
+        assert _input(item).abs().max().item() == pytest.approx(4.0 / 7.5, abs=0.02)  # dx 4 px over a 7.5 px bound
 
     def test_flip_view_negates_dx_of_a_known_flow_clip(self, store):
         cfg = ClipConfig(steps=4, flow_stack=2)
