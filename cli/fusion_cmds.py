@@ -129,7 +129,7 @@ def cv(
     tta: Annotated[int, typer.Option(help=TTA_HELP)] = 1,
     goal: Annotated[Goal, typer.Option(help="Operating-point goal chosen on each fold's validation part.")] = Goal.accuracy,
     seed: Annotated[int | None, typer.Option(help="Seed of the folds and of training (preset only; a --config sets train.seed); rerun with others for repeated k-fold. Default 0.")] = None,
-    inner_folds: Annotated[int | None, typer.Option(help="Fit fusion and thresholds on out-of-fold predictions of each fold's non-test videos from K inner group folds (0 = on its validation part; default: the preset's).")] = None,
+    inner_folds: Annotated[int | None, typer.Option(help="Fit fusion and thresholds on out-of-fold predictions of each fold's non-test videos from K inner group folds, and score its test videos with the mean of those K heads (0 = fit on its validation part, score with the fold's own heads; default: the preset's).")] = None,
 ) -> None:
     """Cross-validate: per fold train both streams, fuse on its validation part, evaluate on the fold."""
     from fusion.pipeline import cross_validate

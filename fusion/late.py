@@ -1,13 +1,19 @@
-"""Learned late fusion: a class-balanced, L2-regularised logistic layer over the streams' logits.
+"""Learned late fusion: a class-balanced, regularised logistic layer over the streams' logits.
 
-The layer is fitted on validation predictions only. Its L2 strength is chosen by stratified
+The layer is fitted on validation predictions only. Its regularisation pulls it towards the
+streams' standardised logits averaged with equal weights, the combination that is hard to beat
+when there are few videos to learn weights from (the "forecast combination puzzle", Clemen 1989;
+the sum rule of Kittler et al. 1998): a strong penalty gives that average, a weak one free weights
+(`_fit_lr`). Plain L2 would pull towards no signal at all. The strength is chosen by stratified
 cross-validation on the validation set when the smaller class is big enough, and the learned
 fusion is then judged on its out-of-fold logits: in-sample logits would flatter it, since it was
 fitted on those very videos while the streams never trained on them. A smaller validation set
-(fewer than `cv_min_per_class` videos of the rarer class, about ten per weight) learns no layer at
-all: each stream alone and TSN's fixed average compete on it instead, since weights fitted on a
-handful of videos fit their noise (`_fixed_fusion`). When it still scores below
-the best single stream, the model falls back to that stream and says why.
+(fewer than `cv_min_per_class` videos of the rarer class, about ten per weight) fits no weights:
+the equal-weight average and each stream alone compete (`_fixed_fusion`). When the fusion scores
+below the best single stream, the model falls back to that stream and says why.
+
+Candidates are compared by accuracy at each one's own threshold (ties: the lower calibrated
+log-loss, then ROC-AUC); `select_metric` takes macro-F1, violent F1 or ROC-AUC instead.
 
 Baselines computed alongside: each stream alone, the plain average of probabilities, and TSN's
 fixed weighted average of logits (RGB:flow = 1:1.5, Wang et al. 2016).
@@ -23,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 from scipy.special import expit, logit
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.model_selection import BaseCrossValidator, LeaveOneOut, StratifiedKFold
 from sklearn.utils.class_weight import compute_sample_weight
@@ -39,6 +44,7 @@ VERSION = 1
 RESERVED = ("average", "tsn", "learned", "fused")  # candidate names a stream may not take
 SELECT_METRICS = ("accuracy", "macro_f1", "f1", "roc_auc")
 _PROB_EPS = 1e-12
+_S_PENALTY = 1e-3  # keeps the prior's scale finite when it separates the classes perfectly
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ class FusionConfig:
 
     goal: str = "accuracy"  # operating-point goal: "accuracy", "f1" (violent) or "recall"
     min_recall: float | None = None  # violent-recall floor when goal == "recall", e.g. 0.95
-    select_metric: str = "accuracy"  # learned vs single stream, at each one's own threshold
+    select_metric: str = "accuracy"  # fusion vs single stream, at each one's own threshold
     use_embeddings: bool = False  # add the streams' penultimate embeddings as features
     cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)  # inverse L2 strengths tried by CV
     default_c: float = 1.0  # inverse L2 strength when validation is too small for CV
@@ -231,20 +237,52 @@ def baselines(
     return out
 
 
-def _fit_lr(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, float]:
-    """Class-balanced L2 logistic regression on standardised features, returned in raw units."""
+def _fit_lr(x: np.ndarray, y: np.ndarray, c: float, prior: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Class-balanced logistic layer on standardised features, shrunk towards `prior`; weights in raw units.
+
+    On standardised features x~ the logit is s * (x~ @ prior) + x~ @ d + b: the scale s of the
+    prior's fixed combination and the bias b are free, the departure d from it pays sklearn's L2
+    penalty |d|^2 / 2 against C times the balanced log-loss. So strong regularisation gives the
+    prior's combination (calibrated), not the constant model that plain L2 shrinks to; weak
+    regularisation gives the unconstrained layer. `prior` None is all features equally; c = 0 fits
+    s and b alone (d = 0).
+    """
+    from scipy.optimize import minimize
+
+    n, f = x.shape
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale = np.where(scale > 0, scale, 1.0)  # a constant feature carries nothing; keep it finite
-    lr = LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
-    lr.fit((x - mean) / scale, y)
-    w = lr.coef_[0] / scale
-    return w, float(lr.intercept_[0] - w @ mean)
+    xs = (x - mean) / scale  # (N, F)
+    u = np.full(f, 1.0 / f) if prior is None else np.asarray(prior, np.float64)
+    along = xs @ u  # (N,) the prior's combination
+    sw = compute_sample_weight("balanced", y)
+    free = c > 0
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        # sklearn's C * loss + |d|^2 / 2, divided by C: the same minimum, better scaled for small C.
+        s_, b = theta[0], theta[1]
+        d = theta[2:] if free else np.zeros(f)
+        z = s_ * along + b + xs @ d
+        r = sw * (expit(z) - y)  # (N,) d loss / d z
+        loss = float(np.sum(sw * (np.logaddexp(0.0, z) - y * z))) + 0.5 * _S_PENALTY * s_ * s_
+        grad = [float(r @ along) + _S_PENALTY * s_, float(r.sum())]
+        if free:
+            loss += 0.5 * float(d @ d) / c
+            grad = np.concatenate([grad, xs.T @ r + d / c])
+        return loss, np.asarray(grad, np.float64)
+
+    theta = minimize(objective, np.zeros(2 + (f if free else 0)), jac=True, method="L-BFGS-B",
+                     options={"maxiter": 2000, "gtol": 1e-9}).x
+    w_std = theta[0] * u + (theta[2:] if free else 0.0)
+    w = w_std / scale
+    return w, float(theta[1] - w @ mean)
 
 
-def _out_of_fold(x: np.ndarray, y: np.ndarray, c: float, folds: BaseCrossValidator) -> np.ndarray:
+def _out_of_fold(x: np.ndarray, y: np.ndarray, c: float, folds: BaseCrossValidator,
+                 prior: np.ndarray | None = None) -> np.ndarray:
     oof = np.empty(len(y))
     for train, test in folds.split(x, y):
-        w, b = _fit_lr(x[train], y[train], c)
+        w, b = _fit_lr(x[train], y[train], c, prior)
         oof[test] = x[test] @ w + b
     return oof
 
@@ -296,33 +334,47 @@ def _single(stream: str, threshold: float, reason: str, common: dict) -> FusionM
                        method="single", selected=stream, fallback_reason=reason, **common)
 
 
-def _fixed_fusion(base: Mapping[str, Predictions], y: np.ndarray, streams: tuple[str, ...], scores: dict,
-                  minority: int, cfg: FusionConfig, common: dict) -> FusionModel:
-    """Fusion for a validation set too small to fit a layer: the best candidate without weights.
+def _prior(features: tuple[str, ...]) -> np.ndarray:
+    """The layer's prior combination: every stream's logit weighted equally, embeddings not at all. Shape (F,)."""
+    is_logit = np.array([name.endswith(":logit") for name in features], np.float64)
+    return is_logit / is_logit.sum()
+
+
+def _fixed_fusion(x: np.ndarray, y: np.ndarray, features: tuple[str, ...], logits: Mapping[str, np.ndarray],
+                  scores: dict, minority: int, cfg: FusionConfig, common: dict) -> FusionModel:
+    """Fusion for a validation set too small to fit weights: the equal-weight layer, or one stream.
 
     A logistic layer needs about ten videos of the rarer class per weight it fits (events per
     variable, Peduzzi et al. 1996): below `cv_min_per_class` its weights, and any score of them on
-    the same few videos, are noise. So no layer is learned; each stream alone and TSN's fixed
-    1:1.5 average (`base`, from `baselines`) compete on validation, and only thresholds are fitted.
+    the same few videos, are noise. So the streams' standardised logits are averaged with equal
+    weights (only the scale and bias of that average are fitted, which moves no video past another)
+    and compared on validation with each stream alone; only thresholds are chosen.
     """
-    candidates = [*streams, *(["tsn"] if "tsn" in base else [])]
+    streams = tuple(logits)
+    logit_features = tuple(f"{st}:logit" for st in streams)
+    xl = x[:, [features.index(name) for name in logit_features]]
+    w, b = _fit_lr(xl, y, 0.0, _prior(logit_features))
+    equal = xl @ w + b
+    scores["equal"] = _score(y, equal, cfg)
+    candidates = {**logits, "equal": equal}
     if minority >= 2:
-        _calibrate(scores, {name: base[name].logits for name in candidates}, y, cfg.default_c, LeaveOneOut())
-    chosen = max(candidates, key=lambda s: _rank_key(scores[s], cfg.select_metric))
+        _calibrate(scores, candidates, y, cfg.default_c, LeaveOneOut())
+    chosen = max(candidates, key=lambda name: _rank_key(scores[name], cfg.select_metric))
     pick = scores[chosen]
+    names = ", ".join(f"{st} alone" for st in streams)
+    common = {**common, "c": 0.0, "cv_folds": 0}
+    if chosen == "equal":
+        logger.info("validation has %d video(s) of its rarer class (< %d): equal-weight fusion kept", minority,
+                    cfg.cv_min_per_class)
+        return FusionModel(features=logit_features, weights=tuple(float(v) for v in w), bias=b,
+                           threshold=pick["threshold"], method="equal", **common)
     reason = (
         f"validation has {minority} video(s) of its rarer class (< {cfg.cv_min_per_class}): too few to "
-        f"learn fusion weights; the fixed candidates ({', '.join(candidates)}) were compared and "
+        f"learn fusion weights; the equal-weight fusion and {names} were compared and "
         f"{chosen} scored best ({cfg.select_metric} {pick[cfg.select_metric]:.4f}, log-loss {_loss(pick):.4f})"
     )
     logger.warning("%s", reason)
-    common = {**common, "c": float(cfg.default_c), "cv_folds": 0}
-    if chosen != "tsn":
-        return _single(chosen, pick["threshold"], reason, common)
-    total = sum(w for _, w in cfg.tsn_weights)
-    return FusionModel(features=tuple(f"{s}:logit" for s, _ in cfg.tsn_weights),
-                       weights=tuple(w / total for _, w in cfg.tsn_weights),
-                       bias=0.0, threshold=pick["threshold"], method="tsn", fallback_reason=reason, **common)
+    return _single(chosen, pick["threshold"], reason, common)
 
 
 def fit_fusion(
@@ -365,18 +417,19 @@ def fit_fusion(
     scores = {name: _score(y, p.logits, cfg) for name, p in base.items()}
     common = dict(streams=streams, goal=cfg.goal, min_recall=cfg.min_recall, n_val=len(y), validation=scores)
     if minority < cfg.cv_min_per_class:
-        return _fixed_fusion(base, y, streams, scores, minority, cfg, common)
+        return _fixed_fusion(x, y, features, logits, scores, minority, cfg, common)
 
+    prior = _prior(features)
     folds = StratifiedKFold(cfg.cv_folds, shuffle=True, random_state=cfg.seed)
     best = None
-    for c in sorted(cfg.cs):  # ascending, so ties keep the stronger regularisation
-        oof = _out_of_fold(x, y, c, folds)
+    for c in sorted(cfg.cs):  # ascending, so ties keep the stronger regularisation (closer to equal weights)
+        oof = _out_of_fold(x, y, c, folds, prior)
         loss = _balanced_log_loss(y, oof)
         logger.debug("fusion C=%g: out-of-fold balanced log-loss %.4f", c, loss)
         if best is None or loss < best[0] - 1e-12:
             best = (loss, c, oof)
     _, c, learned_val = best
-    w, b = _fit_lr(x, y, c)
+    w, b = _fit_lr(x, y, c, prior)
     scores["learned"] = _score(y, learned_val, cfg)
     _calibrate(scores, {s: logits[s] for s in streams}, y, c, folds)
     scores["learned"]["calibrated_log_loss"] = _balanced_log_loss(y, learned_val)

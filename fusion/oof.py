@@ -14,8 +14,15 @@ look better than the test predictions of the final model they stand in for. The 
 loop evaluates a few of its own training videos only because `fit_stage` needs a validation set;
 with the epoch fixed and no early stopping that evaluation decides nothing.
 
-Written per fold: `FOLD/<stream>/predictions_oof.csv` (as predictions_val.csv) and `FOLD/oof.json`
-(K, seed, the epoch per stream and the inner fold of every video), reused while best.pt is older.
+The K inner heads also predict the fold's test videos (`FOLD/<stream>/predictions_test_inner.csv`,
+one view per head; read back as the mean logit). Scoring the test fold with the mean of the very
+heads whose out-of-fold predictions fitted fusion and thresholds is the usual stacking protocol
+(cross-validation bagging): the fitted threshold meets scores of the same models, and averaging K
+heads lowers the variance a single head trained on a few dozen videos has.
+
+Written per fold: `FOLD/<stream>/predictions_oof.csv` (as predictions_val.csv), the inner heads'
+test predictions and `FOLD/oof.json` (K, seed, the epoch per stream and the inner fold of every
+video), reused while best.pt is older.
 """
 
 from __future__ import annotations
@@ -36,7 +43,16 @@ logger = logging.getLogger(__name__)
 
 STREAMS = ("rgb", "flow")
 OOF_SPLIT = "oof"
+INNER_TEST_SPLIT = "test_inner"
 _META = "oof.json"
+
+
+@dataclass(frozen=True)
+class OutOfFold:
+    """What the inner heads of one outer fold predict: stream -> Predictions."""
+
+    fit: dict[str, Predictions]  # out-of-fold predictions of every non-test video
+    test: dict[str, Predictions]  # the fold's test videos, mean logit of the K inner heads
 
 
 @dataclass(frozen=True)
@@ -111,19 +127,21 @@ def _labels_groups(store: str | Path, video_ids: Sequence[str]) -> tuple[np.ndar
     return labels, groups
 
 
-def oof_path(fold_dir: str | Path, stream: str) -> Path:
-    return Path(fold_dir) / stream / f"predictions_{OOF_SPLIT}.csv"
+def oof_path(fold_dir: str | Path, stream: str, split: str = OOF_SPLIT) -> Path:
+    return Path(fold_dir) / stream / f"predictions_{split}.csv"
 
 
 def out_of_fold(
     store: str | Path, fold_dir: str | Path, k: int, devices: Sequence[str] = ("cpu", "cpu")
-) -> dict[str, Predictions]:
-    """stream -> out-of-fold predictions of every non-test video of the trained fold run `fold_dir`.
+) -> OutOfFold:
+    """The inner heads' predictions for the trained fold run `fold_dir`: out-of-fold on its non-test
+    videos, and their mean on its test videos.
 
-    Written to FOLD/<stream>/predictions_oof.csv and FOLD/oof.json; reused when both are there for
-    the same K and newer than the streams' best.pt.
+    Written to FOLD/<stream>/predictions_oof.csv, FOLD/<stream>/predictions_test_inner.csv and
+    FOLD/oof.json; reused when all are there for the same K and newer than the streams' best.pt.
     """
     from flow.devices import resolve_device
+    from streams.launch import split_ids
     from streams.rundir import RunDir
 
     fold_dir = Path(fold_dir)
@@ -133,7 +151,9 @@ def out_of_fold(
     cached = _cached(fold_dir, split)
     if cached is not None:
         return cached
-    epochs, out = {}, {}
+    test_ids = sorted(split_ids(store, cfgs["rgb"][0].train)["test"])
+    test_labels, _ = _labels_groups(store, test_ids)
+    epochs = {}
     for i, stream in enumerate(STREAMS):
         cfg, info = cfgs[stream]
         best = runs[stream].load_checkpoint("best")
@@ -142,36 +162,47 @@ def out_of_fold(
                              "end to end (stage 2): use head-only training (stage = head) or --inner-folds 0")
         epochs[stream] = int(best["epoch"])
         device = resolve_device(devices[i] if i < len(devices) else "auto")
-        ids, labels, logits = [], [], []
+        ids, labels, logits, test_logits = [], [], [], []
         for fold in range(split.k):
             held = split.folds == fold
             logger.info("%s: inner fold %d/%d, %d held-out videos", stream, fold + 1, split.k, int(held.sum()))
-            z = train_inner_head(Path(info["features"]), cfg, split.video_ids[~held].tolist(),
-                                 split.video_ids[held].tolist(), epochs[stream], device)
-            ids += split.video_ids[held].tolist()
+            held_ids = split.video_ids[held].tolist()
+            z = train_inner_head(Path(info["features"]), cfg, split.video_ids[~held].tolist(), held_ids + test_ids,
+                                 epochs[stream], device)
+            ids += held_ids
             labels.append(split.labels[held])
-            logits.append(z)
+            logits.append(z[: len(held_ids)])
+            test_logits.append(z[len(held_ids):])
         write_predictions(oof_path(fold_dir, stream), ids, np.concatenate(labels), np.concatenate(logits))
-        out[stream] = read_predictions(oof_path(fold_dir, stream))
+        write_predictions(oof_path(fold_dir, stream, INNER_TEST_SPLIT), test_ids * split.k,
+                          np.tile(test_labels, split.k), np.concatenate(test_logits),
+                          views=np.repeat(np.arange(split.k), len(test_ids)))
     meta = {"inner_folds": split.k, "seed": cfgs["rgb"][0].train.seed, "epoch": epochs,
             "fold_of": {v: int(f) for v, f in zip(split.video_ids, split.folds, strict=True)},
-            "group_of": {v: str(g) for v, g in zip(split.video_ids, split.groups, strict=True)}}
+            "group_of": {v: str(g) for v, g in zip(split.video_ids, split.groups, strict=True)},
+            "test": test_ids}
     write_atomic(fold_dir / _META, json.dumps(meta, indent=2) + "\n")
-    return out
+    return _read(fold_dir)
 
 
-def _cached(fold_dir: Path, split: InnerFolds) -> dict[str, Predictions] | None:
+def _read(fold_dir: Path) -> OutOfFold:
+    return OutOfFold({s: read_predictions(oof_path(fold_dir, s)) for s in STREAMS},
+                     {s: read_predictions(oof_path(fold_dir, s, INNER_TEST_SPLIT)) for s in STREAMS})
+
+
+def _cached(fold_dir: Path, split: InnerFolds) -> OutOfFold | None:
     meta_path = fold_dir / _META
     if not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     same = meta.get("fold_of") == {v: int(f) for v, f in zip(split.video_ids, split.folds, strict=True)}
-    fresh = all(oof_path(fold_dir, s).is_file() and meta_path.stat().st_mtime >= (fold_dir / s / "best.pt").stat().st_mtime
-                for s in STREAMS)
+    fresh = all(oof_path(fold_dir, s, name).is_file()
+                and meta_path.stat().st_mtime >= (fold_dir / s / "best.pt").stat().st_mtime
+                for s in STREAMS for name in (OOF_SPLIT, INNER_TEST_SPLIT))
     if not (same and fresh):
         return None
     logger.info("%s: reusing out-of-fold predictions", fold_dir)
-    return {s: read_predictions(oof_path(fold_dir, s)) for s in STREAMS}
+    return _read(fold_dir)
 
 
 class _EpochReached(Exception):
@@ -179,9 +210,9 @@ class _EpochReached(Exception):
 
 
 def train_inner_head(
-    features: Path, cfg, train_ids: list[str], heldout_ids: list[str], epoch: int, device: torch.device
+    features: Path, cfg, train_ids: Sequence[str], predict_ids: Sequence[str], epoch: int, device: torch.device
 ) -> np.ndarray:
-    """Logits (len(heldout_ids),) float64 of a head trained on `train_ids` as `cfg` trains, taken after `epoch`.
+    """Logits (len(predict_ids),) float64 of a head trained on `train_ids` as `cfg` trains, taken after `epoch`.
 
     The run's learning-rate schedule is kept (its total epochs are not cut); training stops once
     `epoch` (0-based) is done, since later epochs cannot change the model taken.
@@ -200,12 +231,12 @@ def train_inner_head(
     )
 
     t = replace(cfg.train, patience=0)  # a fixed epoch: nothing is chosen on validation
-    train_ds = FeatureDataset(features, train_ids, train=True, seed=t.seed)
+    train_ds = FeatureDataset(features, list(train_ids), train=True, seed=t.seed)
     bank = FeatureBank(train_ds)
     sampler = EpochSampler(train_ds.labels, t.seed, t.sampler, t.minority_share)
     # fit_stage wants a validation set; a few training videos stand in, and decide nothing.
-    nominal = FeatureBank(FeatureDataset(features, train_ids[: t.batch_size]))
-    held = FeatureBank(FeatureDataset(features, heldout_ids))
+    nominal = FeatureBank(FeatureDataset(features, list(train_ids[: t.batch_size])))
+    targets = FeatureBank(FeatureDataset(features, list(predict_ids)))
 
     def train_batches(ep: int):
         sampler.set_epoch(ep)
@@ -239,8 +270,7 @@ def train_inner_head(
             raise ValueError(f"the head was to be taken after epoch {epoch}, but training has only "
                              f"{t.epochs} epochs")
         head.load_state_dict(taken)
-        ids, _, logits, _ = predict(head, held.batches(np.arange(len(held)), t.batch_size), device, precision)
-    if ids != list(heldout_ids):
-        raise RuntimeError("inner-fold predictions came back in another order than the held-out videos")
+        ids, _, logits, _ = predict(head, targets.batches(np.arange(len(targets)), t.batch_size), device, precision)
+    if ids != list(predict_ids):
+        raise RuntimeError("inner-fold predictions came back in another order than the videos asked for")
     return logits
-

@@ -254,23 +254,27 @@ def fit_run(
     device: str = "auto",
     out: str | Path | None = None,
     fit_set: Mapping[str, Predictions] | None = None,
+    test_set: Mapping[str, Predictions] | None = None,
 ) -> FusionOutcome:
     """Fit fusion on validation, write it and its comparison; see `fuse_run`.
 
     `fit_set` (stream -> predictions; one run only) replaces the validation predictions as the set
-    fusion and every threshold are fitted on, e.g. out-of-fold predictions (fusion.oof).
+    fusion and every threshold are fitted on, e.g. out-of-fold predictions (fusion.oof);
+    `test_set` likewise replaces the test predictions (e.g. the inner heads' mean on the test part).
     """
     runs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(r) for r in run_dirs]
     if not runs:
         raise ValueError("fusion needs at least one run folder")
     k = check_tta(tta)
     cfg = _fusion_config(goal, min_recall)
-    if fit_set is not None and len(runs) != 1:
-        raise ValueError("a fit set replaces the validation predictions of one run, not of an ensemble")
+    if (fit_set is not None or test_set is not None) and len(runs) != 1:
+        raise ValueError("a fit or test set replaces the predictions of one run, not of an ensemble")
     if len(runs) == 1:
         val, test = run_predictions(runs[0], k, device)
         if fit_set is not None:
             val = {s: fit_set[s] for s in STREAMS}
+        if test_set is not None:
+            test = {s: test_set[s] for s in STREAMS}
         _check_val(val)
         model = fit_fusion(val, cfg)
         path = save_fusion(model, Path(out) if out else runs[0] / "fusion.json")
@@ -339,17 +343,19 @@ def evaluate_run(
     min_recall: float | None = None,
     device: str = "auto",
     fit_set: Mapping[str, Predictions] | None = None,
+    test_set: Mapping[str, Predictions] | None = None,
 ) -> dict[str, Any]:
-    """Fuse on validation (or on `fit_set`, see `fit_run`), evaluate RGB, flow and fused on test; write RUN/eval/.
+    """Fuse on validation (or on `fit_set`, see `fit_run`), evaluate RGB, flow and fused on test
+    (or on `test_set`); write RUN/eval/.
 
     Returns {"metrics": {"rgb", "flow", "fused"} -> compute_metrics dict, "report": report.md path,
-    "eval_dir", "tta", "fallback_reason", "fusion_method" ("learned", "single", "tsn"; None for an
+    "eval_dir", "tta", "fallback_reason", "fusion_method" ("learned", "equal", "single"; None for an
     ensemble), "comparison"}.
     """
     from fusion.report import write_report
 
     run = check_run(run_dir)
-    outcome = fit_run(run, tta, goal, min_recall, device, fit_set=fit_set)
+    outcome = fit_run(run, tta, goal, min_recall, device, fit_set=fit_set, test_set=test_set)
     cfg = _fusion_config(goal, min_recall)
     test = align_all(outcome.test)
     results: dict[str, dict] = {}
@@ -490,7 +496,8 @@ def cross_validate(
     `inner_folds` K >= 2 (None: the preset's, lowered or off where the data or `tta` rule it out;
     0: off) fits fusion and every threshold on
     out-of-fold predictions of each fold's non-test videos from K inner group folds (fusion.oof)
-    instead of on its validation part; test predictions still come from the fold's final models.
+    instead of on its validation part, and scores the test fold with the mean of those K inner
+    heads per stream (stacking): the thresholds meet scores of the models they were fitted on.
     Writes OUT/fold<k>/ runs, OUT/cv.json and OUT/cv.md; returns the
     summary {"folds": [...], "summary": {model: {metric: {"mean", "std"}}}}.
     """
@@ -535,12 +542,13 @@ def cross_validate(
             on_event({"event": "fold", "fold": fold, "folds": folds})
         try:
             train_run(store, fold_dir, cfg, devices, on_event)
-            fit_set = None
+            fit_set = test_set = None
             if n_inner:
                 if on_event is not None:
                     on_event({"event": "inner", "fold": fold, "inner_folds": n_inner})
-                fit_set = out_of_fold(store, fold_dir, n_inner, devices)
-            result = evaluate_run(fold_dir, k, goal, min_recall, fit_set=fit_set)
+                inner = out_of_fold(store, fold_dir, n_inner, devices)
+                fit_set, test_set = inner.fit, inner.test
+            result = evaluate_run(fold_dir, k, goal, min_recall, fit_set=fit_set, test_set=test_set)
         except ValueError as exc:
             raise ValueError(f"fold {fold} of {folds}: {exc}") from None
         rows.append({"fold": fold, "run": str(fold_dir), "fallback_reason": result["fallback_reason"],
@@ -590,7 +598,8 @@ def _cv_markdown(doc: Mapping) -> str:
     names = [name for name, _ in _CV_METRICS]
     n_inner = doc.get("inner_folds") or 0
     fitted = (f"out-of-fold predictions of all its non-test videos ({n_inner} inner group folds, each "
-              f"stream's head retrained per inner fold; the test videos never enter them)" if n_inner
+              f"stream's head retrained per inner fold; the test videos never enter them, and are scored "
+              f"by the mean of those {n_inner} heads)" if n_inner
               else "a validation part carved from them by group")
     lines = [
         f"# Cross-validation: {doc['folds']} folds",
@@ -609,7 +618,8 @@ def _cv_markdown(doc: Mapping) -> str:
               "|---:|---:|---:|---:|---:|---|---|"]
     for r in doc["rounds"]:
         method = r.get("fusion_method")
-        note = ("fixed TSN weights" if method == "tsn" else "one stream" if method == "single"
+        note = ("equal weights" if method == "equal" else "fixed TSN weights" if method == "tsn"
+                else "one stream" if method == "single"
                 else "fallback to one stream" if r.get("fallback_reason") else "")
         fit = f"{'out-of-fold' if n_inner else 'validation'} ({r.get('n_fit', '?')} videos)"
         lines.append(f"| {r['fold']} | {r['n_test']} | {r['rgb']['accuracy']:.4f} | {r['flow']['accuracy']:.4f} "

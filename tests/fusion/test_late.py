@@ -77,9 +77,14 @@ class TestLearnedFusion:
         # the fallback model needs only the stream it kept
         np.testing.assert_array_equal(apply(model, {"rgb": test["rgb"]}), test["rgb"].logits)
 
-    def test_small_validation_uses_default_strength(self):
-        model = fit_fusion(_logistic_streams(30, seed=6), FusionConfig(default_c=0.5))
-        assert model.cv_folds == 0 and model.c == 0.5
+    def test_small_validation_fits_no_weights(self):
+        # Too few videos to learn weights: the streams' standardised logits count equally (c = 0:
+        # no departure from equal weights is fitted); only the average's scale and bias are.
+        val = _logistic_streams(30, seed=6, w_rgb=3.0, w_flow=3.0, bias=0.0)
+        model = fit_fusion(val)
+        assert model.cv_folds == 0 and model.c == 0.0 and model.method == "equal"
+        w = dict(zip(model.features, model.weights, strict=True))
+        assert w["rgb:logit"] * val["rgb"].logits.std() == pytest.approx(w["flow:logit"] * val["flow"].logits.std())
 
     def test_small_validation_learns_no_weights(self):
         # 10 videos: a layer would fit them perfectly; with fewer than ~10 videos of the rarer
@@ -91,14 +96,29 @@ class TestLearnedFusion:
         assert "too few to learn fusion weights" in model.fallback_reason
         assert "calibrated_log_loss" in model.validation["rgb"]
 
-    def test_small_validation_can_choose_tsn(self):
-        # Two equally informative, independent streams: their fixed average beats either alone.
+    def test_small_validation_can_choose_equal_weights(self):
+        # Two equally informative, independent streams: their equal-weight average beats either alone.
         val = _logistic_streams(36, seed=12, w_rgb=3.0, w_flow=3.0, bias=0.0)
         model = fit_fusion(val)
-        assert model.method == "tsn" and model.selected is None
+        assert model.method == "equal" and model.selected is None and model.fallback_reason is None
         assert model.features == ("rgb:logit", "flow:logit")
-        assert model.weights == pytest.approx((0.4, 0.6)) and model.bias == 0.0
-        np.testing.assert_allclose(apply(model, val), baselines(val)["tsn"].logits)
+        standardised = sum((p.logits - p.logits.mean()) / p.logits.std() for p in val.values())
+        fused = apply(model, val)
+        assert np.array_equal(np.argsort(fused), np.argsort(standardised))  # the same ranking of the videos
+        assert model.validation["equal"]["roc_auc"] > max(model.validation[s]["roc_auc"] for s in ("rgb", "flow"))
+
+    def test_strong_regularisation_gives_equal_weights_not_none(self):
+        # The layer shrinks towards the equal-weight average of standardised logits, so a tiny C
+        # keeps both streams (scaled to calibrate) where plain L2 would leave a constant.
+        from fusion.late import _fit_lr
+
+        val = _logistic_streams(400, seed=13, w_rgb=0.5, w_flow=2.0)
+        x = np.c_[val["rgb"].logits * 5.0, val["flow"].logits]  # rgb on another scale
+        w, _ = _fit_lr(x, val["rgb"].labels, 1e-6, np.array([0.5, 0.5]))
+        assert w[0] * x[:, 0].std() == pytest.approx(w[1] * x[:, 1].std(), rel=1e-3)
+        assert w[1] > 0.1  # calibrated: not shrunk to nothing
+        free, _ = _fit_lr(x, val["rgb"].labels, 1e4, np.array([0.5, 0.5]))
+        assert free[1] / (free[0] * 5.0) == pytest.approx(4.0, rel=0.3)  # the true 0.5 : 2.0
 
     def test_one_minority_video_keeps_the_best_candidate(self):
         ids = _ids(6)

@@ -125,9 +125,10 @@ def test_out_of_fold_predictions_cover_the_non_test_part_once(fold_run, monkeypa
     calls = []
     real = oof.train_inner_head
 
-    def spy(features, cfg, train_ids, heldout_ids, epoch, device):
-        calls.append((Path(features), list(train_ids), list(heldout_ids), epoch))
-        return real(features, cfg, train_ids, heldout_ids, epoch, device)
+    def spy(features, cfg, train_ids, predict_ids, epoch, device):
+        z = real(features, cfg, train_ids, predict_ids, epoch, device)
+        calls.append((Path(features), list(train_ids), list(predict_ids), epoch, z))
+        return z
 
     monkeypatch.setattr(oof, "train_inner_head", spy)
     preds = out_of_fold(store, fold_dir, 3, ("cpu", "cpu"))
@@ -135,13 +136,20 @@ def test_out_of_fold_predictions_cover_the_non_test_part_once(fold_run, monkeypa
     non_test, test = set(ids["train"] + ids["val"]), set(ids["test"])
     assert len(calls) == 2 * 3  # K heads per stream
     for stream in ("rgb", "flow"):
-        p = preds[stream]
+        p = preds.fit[stream]
         assert sorted(p.video_ids) == sorted(non_test)
         with Store(store) as s:
             assert list(p.labels) == [s.label(v) for v in p.video_ids]
         assert read_predictions(fold_dir / stream / "predictions_oof.csv").video_ids.tolist() == p.video_ids.tolist()
+        # The test videos are scored by the mean logit of the K inner heads.
+        t = preds.test[stream]
+        assert t.video_ids.tolist() == sorted(test)
+        heads = [c[4][-len(test):] for c in (calls[:3] if stream == "rgb" else calls[3:])]
+        np.testing.assert_allclose(t.logits, np.mean(heads, axis=0))
     held_out = []
-    for i, (_, train_ids, heldout_ids, epoch) in enumerate(calls):  # rgb's K heads, then flow's
+    for i, (_, train_ids, predict_ids, epoch, _) in enumerate(calls):  # rgb's K heads, then flow's
+        heldout_ids = predict_ids[: len(predict_ids) - len(test)]
+        assert predict_ids[len(heldout_ids):] == sorted(test)
         assert not (set(train_ids) | set(heldout_ids)) & test  # the test videos never enter an inner fold
         assert set(train_ids) | set(heldout_ids) == non_test and not set(train_ids) & set(heldout_ids)
         assert not {_group(v) for v in train_ids} & {_group(v) for v in heldout_ids}
@@ -156,7 +164,8 @@ def test_out_of_fold_predictions_cover_the_non_test_part_once(fold_run, monkeypa
     # A second call reuses the files instead of training again.
     monkeypatch.setattr(oof, "train_inner_head", lambda *a: pytest.fail("retrained"))
     again = out_of_fold(store, fold_dir, 3, ("cpu", "cpu"))
-    assert np.array_equal(again["rgb"].logits, preds["rgb"].logits)
+    assert np.array_equal(again.fit["rgb"].logits, preds.fit["rgb"].logits)
+    assert np.array_equal(again.test["flow"].logits, preds.test["flow"].logits)
 
 
 def test_an_inner_head_repeats_the_final_heads_training(fold_run):
@@ -200,9 +209,12 @@ def _fake_oof(seen):
         split = inner_folds(store, TrainConfig(fold=f"{fold}/3", seed=0), k)
         seen.append((fold, k, set(split.video_ids)))
         rng = np.random.default_rng(fold)
-        return {s: Predictions(split.video_ids, split.labels,
-                               (2 * split.labels - 1) * (1 + j) + rng.normal(0, 1.5, len(split.labels)))
-                for j, s in enumerate(("rgb", "flow"))}
+        fit = {s: Predictions(split.video_ids, split.labels,
+                              (2 * split.labels - 1) * (1 + j) + rng.normal(0, 1.5, len(split.labels)))
+               for j, s in enumerate(("rgb", "flow"))}
+        test = video_ids_for_split(store, fold=(fold, 3), seed=0)["test"]
+        y = np.array([_label(int(v[1:])) for v in test])
+        return oof.OutOfFold(fit, {s: Predictions(test, y, (2 * y - 1) * (3 + j)) for j, s in enumerate(("rgb", "flow"))})
 
     return fake
 
@@ -229,6 +241,14 @@ def test_cross_validation_fits_fusion_and_thresholds_on_out_of_fold_predictions(
         assert comparison["test"]["fused"]["n"] == len(ids["test"])
         assert doc["rounds"][fold]["n_fit"] == len(non_test)
         assert doc["rounds"][fold]["fitted_on"] == comparison["fitted_on"]
+        # The test fold is scored with the inner heads' predictions, not the final heads'.
+        import csv
+
+        with (tmp_path / "cv" / f"fold{fold}" / "eval" / "predictions.csv").open() as fh:
+            rows = list(csv.DictReader(fh))
+        assert sorted(r["video_id"] for r in rows) == sorted(ids["test"])
+        for r in rows:
+            assert float(r["rgb_probability"]) == pytest.approx(1 / (1 + np.exp(-(2 * int(r["label"]) - 1) * 3)))
     assert "out-of-fold predictions" in (tmp_path / "cv" / "cv.md").read_text()
 
 
