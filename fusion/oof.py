@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from fusion.predictions import Predictions, read_predictions, write_atomic, write_predictions
+from fusion.tta import check_tta
 
 logger = logging.getLogger(__name__)
 
@@ -132,13 +133,16 @@ def oof_path(fold_dir: str | Path, stream: str, split: str = OOF_SPLIT) -> Path:
 
 
 def out_of_fold(
-    store: str | Path, fold_dir: str | Path, k: int, devices: Sequence[str] = ("cpu", "cpu")
+    store: str | Path, fold_dir: str | Path, k: int, devices: Sequence[str] = ("cpu", "cpu"), tta: int = 1
 ) -> OutOfFold:
     """The inner heads' predictions for the trained fold run `fold_dir`: out-of-fold on its non-test
     videos, and their mean on its test videos.
 
+    With `tta` views > 1 every prediction is the mean logit over the same test-time views
+    (`fusion.tta`) that a run's own TTA uses, computed by the fold's backbone with each inner head.
     Written to FOLD/<stream>/predictions_oof.csv, FOLD/<stream>/predictions_test_inner.csv and
-    FOLD/oof.json; reused when all are there for the same K and newer than the streams' best.pt.
+    FOLD/oof.json; reused when all are there for the same K and views and newer than the streams'
+    best.pt.
     """
     from flow.devices import resolve_device
     from streams.launch import split_ids
@@ -148,7 +152,8 @@ def out_of_fold(
     runs = {s: RunDir(fold_dir, s) for s in STREAMS}
     cfgs = {s: runs[s].read_config() for s in STREAMS}  # stream -> (RunConfig, [run] table)
     split = inner_folds(store, cfgs["rgb"][0].train, k)
-    cached = _cached(fold_dir, split)
+    tta = check_tta(tta)
+    cached = _cached(fold_dir, split, tta)
     if cached is not None:
         return cached
     test_ids = sorted(split_ids(store, cfgs["rgb"][0].train)["test"])
@@ -167,8 +172,12 @@ def out_of_fold(
             held = split.folds == fold
             logger.info("%s: inner fold %d/%d, %d held-out videos", stream, fold + 1, split.k, int(held.sum()))
             held_ids = split.video_ids[held].tolist()
-            z = train_inner_head(Path(info["features"]), cfg, split.video_ids[~held].tolist(), held_ids + test_ids,
-                                 epochs[stream], device)
+            train_ids = split.video_ids[~held].tolist()
+            if tta == 1:  # the cached plain view
+                z = train_inner_head(Path(info["features"]), cfg, train_ids, held_ids + test_ids, epochs[stream], device)
+            else:
+                head = fit_inner_head(Path(info["features"]), cfg, train_ids, epochs[stream], device)
+                z = view_logits(fold_dir / stream, head, held_ids + test_ids, tta, device)
             ids += held_ids
             labels.append(split.labels[held])
             logits.append(z[: len(held_ids)])
@@ -177,7 +186,7 @@ def out_of_fold(
         write_predictions(oof_path(fold_dir, stream, INNER_TEST_SPLIT), test_ids * split.k,
                           np.tile(test_labels, split.k), np.concatenate(test_logits),
                           views=np.repeat(np.arange(split.k), len(test_ids)))
-    meta = {"inner_folds": split.k, "seed": cfgs["rgb"][0].train.seed, "epoch": epochs,
+    meta = {"inner_folds": split.k, "seed": cfgs["rgb"][0].train.seed, "epoch": epochs, "tta": tta,
             "fold_of": {v: int(f) for v, f in zip(split.video_ids, split.folds, strict=True)},
             "group_of": {v: str(g) for v, g in zip(split.video_ids, split.groups, strict=True)},
             "test": test_ids}
@@ -190,12 +199,12 @@ def _read(fold_dir: Path) -> OutOfFold:
                      {s: read_predictions(oof_path(fold_dir, s, INNER_TEST_SPLIT)) for s in STREAMS})
 
 
-def _cached(fold_dir: Path, split: InnerFolds) -> OutOfFold | None:
+def _cached(fold_dir: Path, split: InnerFolds, tta: int) -> OutOfFold | None:
     meta_path = fold_dir / _META
     if not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    same = meta.get("fold_of") == {v: int(f) for v, f in zip(split.video_ids, split.folds, strict=True)}
+    same = meta.get("tta", 1) == tta and meta.get("fold_of") == {v: int(f) for v, f in zip(split.video_ids, split.folds, strict=True)}
     fresh = all(oof_path(fold_dir, s, name).is_file()
                 and meta_path.stat().st_mtime >= (fold_dir / s / "best.pt").stat().st_mtime
                 for s in STREAMS for name in (OOF_SPLIT, INNER_TEST_SPLIT))
@@ -212,7 +221,47 @@ class _EpochReached(Exception):
 def train_inner_head(
     features: Path, cfg, train_ids: Sequence[str], predict_ids: Sequence[str], epoch: int, device: torch.device
 ) -> np.ndarray:
-    """Logits (len(predict_ids),) float64 of a head trained on `train_ids` as `cfg` trains, taken after `epoch`.
+    """Logits (len(predict_ids),) float64, on their cached plain view, of `fit_inner_head`'s head."""
+    from streams.features import FeatureDataset
+    from streams.train import FeatureBank, predict, resolve_precision
+
+    head = fit_inner_head(features, cfg, train_ids, epoch, device)
+    targets = FeatureBank(FeatureDataset(features, list(predict_ids)))
+    ids, _, logits, _ = predict(head, targets.batches(np.arange(len(targets)), cfg.train.batch_size), device,
+                                resolve_precision(cfg.train.amp, device))
+    if ids != list(predict_ids):
+        raise RuntimeError("inner-fold predictions came back in another order than the videos asked for")
+    return logits
+
+
+def view_logits(stream_dir: Path, head: torch.nn.Module, video_ids: Sequence[str], tta: int,
+                device: torch.device) -> np.ndarray:
+    """Mean logit (len(video_ids),) float64 over `tta` test-time views of the run's stream model
+    (`stream_dir`: its backbone as best.pt rebuilds it) with `head` in place of its own head."""
+    from data.clips import ClipConfig
+    from fusion.pipeline import clip_forward
+    from fusion.tta import average_predictions, predict_views, tta_views
+    from streams.rundir import load_stream_model
+    from streams.train import use_fused_lstm
+
+    model, cfg, info = load_stream_model(stream_dir, "best", device)
+    model.head.load_state_dict(head.state_dict())
+    if device.type == "cpu":
+        use_fused_lstm(model)
+    clip = ClipConfig(steps=cfg.train.steps, flow_stack=cfg.model.flow_stack, size=cfg.train.size)
+    ids, labels, logits, _ = predict_views(clip_forward(model, "head"), Path(info["run"]["store"]), list(video_ids),
+                                           stream_dir.name, clip, tta_views(tta), cfg.train.batch_size, device)
+    mean = average_predictions(ids, labels, logits)  # sorted by video id
+    order = np.searchsorted(mean.video_ids, np.asarray(video_ids, dtype=str))
+    if not np.array_equal(mean.video_ids[order], np.asarray(video_ids, dtype=str)):
+        raise RuntimeError("test-time views came back without some of the videos asked for")
+    return mean.logits[order]
+
+
+def fit_inner_head(
+    features: Path, cfg, train_ids: Sequence[str], epoch: int, device: torch.device
+) -> torch.nn.Module:
+    """A head (eval mode, on `device`) trained on `train_ids` as `cfg` trains, taken after `epoch`.
 
     The run's learning-rate schedule is kept (its total epochs are not cut); training stops once
     `epoch` (0-based) is done, since later epochs cannot change the model taken.
@@ -225,7 +274,6 @@ def train_inner_head(
         EpochSampler,
         FeatureBank,
         fit_stage,
-        predict,
         resolve_precision,
         use_fused_lstm,
     )
@@ -236,7 +284,6 @@ def train_inner_head(
     sampler = EpochSampler(train_ds.labels, t.seed, t.sampler, t.minority_share)
     # fit_stage wants a validation set; a few training videos stand in, and decide nothing.
     nominal = FeatureBank(FeatureDataset(features, list(train_ids[: t.batch_size])))
-    targets = FeatureBank(FeatureDataset(features, list(predict_ids)))
 
     def train_batches(ep: int):
         sampler.set_epoch(ep)
@@ -252,7 +299,6 @@ def train_inner_head(
         head.to(device)
         optimizer = make_optimizer(head_param_groups(head, cfg.optim.stage_lr(1), cfg.optim.weight_decay), cfg.optim)
         loss_fn = build_loss(cfg.loss, train_ds.labels).to(device)
-        precision = resolve_precision(t.amp, device)
         taken: dict = {}
 
         def on_event(event: dict) -> None:
@@ -263,14 +309,10 @@ def train_inner_head(
         try:
             fit_stage(head, train_batches, lambda: nominal.batches(np.arange(len(nominal)), t.batch_size), loss_fn,
                       optimizer, stage=1, steps_per_epoch=-(-len(sampler) // t.batch_size), cfg=t, optim=cfg.optim,
-                      device=device, precision=precision, on_event=on_event)
+                      device=device, precision=resolve_precision(t.amp, device), on_event=on_event)
         except _EpochReached:
             pass
-        if not taken:
-            raise ValueError(f"the head was to be taken after epoch {epoch}, but training has only "
-                             f"{t.epochs} epochs")
-        head.load_state_dict(taken)
-        ids, _, logits, _ = predict(head, targets.batches(np.arange(len(targets)), t.batch_size), device, precision)
-    if ids != list(predict_ids):
-        raise RuntimeError("inner-fold predictions came back in another order than the videos asked for")
-    return logits
+    if not taken:
+        raise ValueError(f"the head was to be taken after epoch {epoch}, but training has only {t.epochs} epochs")
+    head.load_state_dict(taken)
+    return head.eval()

@@ -270,11 +270,15 @@ def fit_run(
     if (fit_set is not None or test_set is not None) and len(runs) != 1:
         raise ValueError("a fit or test set replaces the predictions of one run, not of an ensemble")
     if len(runs) == 1:
-        val, test = run_predictions(runs[0], k, device)
-        if fit_set is not None:
-            val = {s: fit_set[s] for s in STREAMS}
-        if test_set is not None:
-            test = {s: test_set[s] for s in STREAMS}
+        if fit_set is not None and test_set is not None:  # the run's own heads predict nothing here
+            check_run(runs[0])
+            val, test = {s: fit_set[s] for s in STREAMS}, {s: test_set[s] for s in STREAMS}
+        else:
+            val, test = run_predictions(runs[0], k, device)
+            if fit_set is not None:
+                val = {s: fit_set[s] for s in STREAMS}
+            if test_set is not None:
+                test = {s: test_set[s] for s in STREAMS}
         _check_val(val)
         model = fit_fusion(val, cfg)
         path = save_fusion(model, Path(out) if out else runs[0] / "fusion.json")
@@ -493,11 +497,12 @@ def cross_validate(
     training folds by group (data.splits.fold_split). `config` (a streams RunConfig) replaces the
     preset's training config. `seed` (the preset's; a `config` keeps its own) draws the folds
     and seeds training: repeated with other seeds, it is repeated k-fold cross-validation.
-    `inner_folds` K >= 2 (None: the preset's, lowered or off where the data or `tta` rule it out;
-    0: off) fits fusion and every threshold on
+    `inner_folds` K >= 2 (None: the preset's, lowered or off where the data or training rule it
+    out; 0: off) fits fusion and every threshold on
     out-of-fold predictions of each fold's non-test videos from K inner group folds (fusion.oof)
     instead of on its validation part, and scores the test fold with the mean of those K inner
-    heads per stream (stacking): the thresholds meet scores of the models they were fitted on.
+    heads per stream (stacking): the thresholds meet scores of the models they were fitted on. With
+    `tta` views both are means over the same views.
     Writes OUT/fold<k>/ runs, OUT/cv.json and OUT/cv.md; returns the
     summary {"folds": [...], "summary": {model: {metric: {"mean", "std"}}}}.
     """
@@ -510,8 +515,6 @@ def cross_validate(
     k = check_tta(tta)
     chosen = _preset(preset)
     n_inner = check_inner_folds(chosen.inner_folds if inner_folds is None else inner_folds)
-    if n_inner and k > 1 and inner_folds is not None:
-        raise ValueError("--inner-folds fits on single-view out-of-fold predictions; use it with --tta 1")
     if store.is_dir() or store.suffix.lower() == ".csv":  # a dataset: index and extract it first
         Path(out).mkdir(parents=True, exist_ok=True)
         store = prepare_store(store, Path(out), chosen)
@@ -528,7 +531,7 @@ def cross_validate(
     if config is not None and epochs is not None:
         base = replace(base, train=replace(base.train, epochs=epochs))
     if n_inner and inner_folds is None:  # the preset's K adapts to the data and settings; an asked-for K is checked
-        n_inner = _preset_inner_folds(store, base, folds, n_inner, k)
+        n_inner = _preset_inner_folds(store, base, folds, n_inner)
     elif n_inner:
         _check_inner(store, base, folds, n_inner)
     devices = list(devices or train_devices(chosen))
@@ -546,7 +549,7 @@ def cross_validate(
             if n_inner:
                 if on_event is not None:
                     on_event({"event": "inner", "fold": fold, "inner_folds": n_inner})
-                inner = out_of_fold(store, fold_dir, n_inner, devices)
+                inner = out_of_fold(store, fold_dir, n_inner, devices, k)
                 fit_set, test_set = inner.fit, inner.test
             result = evaluate_run(fold_dir, k, goal, min_recall, fit_set=fit_set, test_set=test_set)
         except ValueError as exc:
@@ -567,12 +570,12 @@ def cross_validate(
     return doc
 
 
-def _preset_inner_folds(store: Path, base, folds: int, wanted: int, tta: int) -> int:
+def _preset_inner_folds(store: Path, base, folds: int, wanted: int) -> int:
     """The preset's inner fold count where it applies: at most `wanted`, no more than every outer
-    fold's non-test part has recordings of each class; 0 with TTA views or fine-tuning."""
+    fold's non-test part has recordings of each class; 0 with fine-tuning."""
     from fusion.oof import max_inner_folds
 
-    if tta > 1 or base.train.stage != "head":
+    if base.train.stage != "head":
         return 0
     allowed = min(max_inner_folds(store, replace(base.train, fold=f"{fold}/{folds}")) for fold in range(folds))
     if allowed < 2:

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -203,7 +204,7 @@ def _fake_train(store_path, out, cfg, devices, on_event=None):
 
 
 def _fake_oof(seen):
-    def fake(store, fold_dir, k, devices=("cpu", "cpu")):
+    def fake(store, fold_dir, k, devices=("cpu", "cpu"), tta=1):
         """Out-of-fold predictions over the real inner split, logits following the labels."""
         fold = int(Path(fold_dir).name.removeprefix("fold"))
         split = inner_folds(store, TrainConfig(fold=f"{fold}/3", seed=0), k)
@@ -271,7 +272,6 @@ def test_zero_inner_folds_is_the_plain_cross_validation(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("options, message", [({"inner_folds": 1}, "at least 2"),
-                                              ({"inner_folds": 3, "tta": 2}, "--tta 1"),
                                               ({"inner_folds": 9}, "recordings with")])
 def test_cross_validation_refuses_bad_inner_folds_before_training(tmp_path, monkeypatch, options, message):
     import fusion.pipeline as pipeline
@@ -285,7 +285,7 @@ def test_cross_validation_refuses_bad_inner_folds_before_training(tmp_path, monk
 
 def test_the_presets_inner_folds_adapt_to_the_data_and_settings(tmp_path, monkeypatch):
     # An asked-for K that does not fit is refused (above); the preset's own K is lowered to the
-    # most every outer fold allows, and turned off where it cannot apply (TTA views).
+    # most every outer fold allows, and turned off where it cannot apply (fine-tuned runs).
     import fusion.pipeline as pipeline
     from fusion.presets import CPU, with_changes
 
@@ -299,6 +299,81 @@ def test_the_presets_inner_folds_adapt_to_the_data_and_settings(tmp_path, monkey
     with pytest.raises(ValueError, match="recordings with"):  # one more than that does not fit
         pipeline.cross_validate(store, folds=3, out=tmp_path / "x", preset=CPU, inner_folds=doc["inner_folds"] + 1)
 
+    # With test-time views too: the inner heads are scored over them (fusion.oof), not turned off.
+    views = pipeline.cross_validate(store, folds=3, out=tmp_path / "tta", preset=CPU, tta=2)
+    assert views["inner_folds"] == min(CPU.inner_folds, doc["inner_folds"]) and views["tta"] == 2
+
     base = CPU.run_config()
-    assert pipeline._preset_inner_folds(store, base, 3, 4, tta=1) == min(4, doc["inner_folds"])
-    assert pipeline._preset_inner_folds(store, base, 3, 4, tta=2) == 0
+    assert pipeline._preset_inner_folds(store, base, 3, 4) == min(4, doc["inner_folds"])
+    both = replace(base, train=replace(base.train, stage="both"))
+    assert pipeline._preset_inner_folds(store, both, 3, 4) == 0
+
+
+# --- inner heads over test-time views ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hoghof_fold(tmp_path_factory):
+    """A store of real frames and flow, and fold 0 of 3 trained with the training-free encoder."""
+    root = tmp_path_factory.mktemp("oof_tta")
+    store = root / "s.h5"
+    rng = np.random.default_rng(1)
+    with StoreWriter(store, flow_codec="float16", root_attrs={"flow_method": "synthetic"}, threads=1) as w:
+        for i in range(RECORDINGS * PER_RECORDING):
+            label = _label(i)
+            rgb = rng.integers(0, 255, (6, 24, 24, 3), dtype=np.uint8)
+            flow = rng.normal(0, 1 + 2 * label, (5, 24, 24, 2)).astype(np.float32)
+            w.write(f"v{i:02d}", rgb, flow, dict(label=label, group=f"rec{i // PER_RECORDING:02d}",
+                                                   source_path=f"/v/v{i:02d}.mp4", source_fps=10.0,
+                                                   source_size=[24, 24], flow_method="synthetic"))
+    model = ModelConfig(backbone="hoghof", flow_stack=2, lstm_layers=1, lstm_hidden=8, attention_heads=2,
+                        dense_units=(8,), dropout=0.0, lstm_dropout=0.0)
+    train = TrainConfig(stage="head", epochs=3, batch_size=8, steps=3, num_workers=0, patience=0, threads=1,
+                        fold="0/3", seed=0, metric="loss", views=1, minority_views=1)
+    cfg = RunConfig(train=train, model=model, optim=OptimConfig(lr=1e-2, warmup_fraction=0.0))
+    for stream in ("rgb", "flow"):
+        train_stream(store, stream, root / "fold0", cfg, "cpu")
+    return store, root / "fold0"
+
+
+def test_out_of_fold_over_views_averages_each_inner_head_over_them(hoghof_fold, monkeypatch):
+    store, fold_dir = hoghof_fold
+    seen = []
+    real = oof.view_logits
+
+    def spy(stream_dir, head, video_ids, tta, device):
+        z = real(stream_dir, head, video_ids, tta, device)
+        seen.append((stream_dir.name, head, list(video_ids), tta, z))
+        return z
+
+    monkeypatch.setattr(oof, "view_logits", spy)
+    monkeypatch.setattr(oof, "train_inner_head", lambda *a: pytest.fail("the cached plain view was used"))
+    preds = out_of_fold(store, fold_dir, 3, ("cpu", "cpu"), tta=2)
+    assert [(s, t) for s, _, _, t, _ in seen] == [("rgb", 2)] * 3 + [("flow", 2)] * 3
+    assert json.loads((fold_dir / "oof.json").read_text())["tta"] == 2
+    ids = video_ids_for_split(store, fold=(0, 3), seed=0)
+    test = sorted(ids["test"])
+    flow_heads = [z[-len(test):] for s, _, _, _, z in seen if s == "flow"]
+    np.testing.assert_allclose(preds.test["flow"].logits, np.mean(flow_heads, axis=0))
+
+    stream, head, video_ids, _, z = seen[-1]
+    features = Path(RunDir(fold_dir, stream).read_config()[1]["features"])
+    # View 0 computed on the fly is the cached plain view (float16-rounded features) ...
+    plain = real(fold_dir / stream, head, video_ids, 1, torch.device("cpu"))
+    from streams.features import FeatureDataset
+    from streams.train import FeatureBank, predict
+
+    bank = FeatureBank(FeatureDataset(features, video_ids))
+    got_ids, _, cached, _ = predict(head, bank.batches(np.arange(len(bank)), 8), torch.device("cpu"))
+    assert got_ids == video_ids
+    np.testing.assert_allclose(plain, cached, atol=1e-4)
+    # ... the two-view mean differs from it (view 1 is mirrored), and the order follows the ids asked for.
+    assert not np.allclose(z, plain)
+    shuffled = video_ids[::-1]
+    np.testing.assert_allclose(real(fold_dir / stream, head, shuffled, 2, torch.device("cpu")), z[::-1], atol=1e-9)
+
+    # One view is another set of predictions: not reused for it.
+    monkeypatch.undo()
+    single = out_of_fold(store, fold_dir, 3, ("cpu", "cpu"), tta=1)
+    assert json.loads((fold_dir / "oof.json").read_text())["tta"] == 1
+    assert not np.allclose(single.fit["flow"].logits, preds.fit["flow"].logits)
