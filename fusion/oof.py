@@ -261,7 +261,8 @@ def view_logits(stream_dir: Path, head: torch.nn.Module, video_ids: Sequence[str
 def fit_inner_head(
     features: Path, cfg, train_ids: Sequence[str], epoch: int, device: torch.device
 ) -> torch.nn.Module:
-    """A head (eval mode, on `device`) trained on `train_ids` as `cfg` trains, taken after `epoch`.
+    """A head (eval mode, on `device`) trained on `train_ids` as `cfg` trains, taken after `epoch`
+    (a closed-form logistic head has no epochs: it is fitted once).
 
     The run's learning-rate schedule is kept (its total epochs are not cut); training stops once
     `epoch` (0-based) is done, since later epochs cannot change the model taken.
@@ -280,6 +281,11 @@ def fit_inner_head(
 
     t = replace(cfg.train, patience=0)  # a fixed epoch: nothing is chosen on validation
     train_ds = FeatureDataset(features, list(train_ids), train=True, seed=t.seed)
+    if cfg.model.head == "logistic":  # fitted in closed form: no epochs
+        from streams.logistic import fit_logistic, view0_features
+
+        head = build_head(cfg.model, train_ds.feature_dim)
+        return fit_logistic(head, *view0_features(train_ds), cfg.model.logistic_c).to(device).eval()
     bank = FeatureBank(train_ds)
     sampler = EpochSampler(train_ds.labels, t.seed, t.sampler, t.minority_share)
     # fit_stage wants a validation set; a few training videos stand in, and decide nothing.

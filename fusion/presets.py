@@ -7,10 +7,14 @@ the SCFD clips, 0.16 px per frame, is below the store's 0.25 px flow step), Farn
 the training-free `hoghof` encoder (`streams.hoghof`: HOF and motion statistics for flow; for RGB,
 descriptors of the change between consecutive steps, TSN's RGB-difference modality, since single
 frames' appearance tells the scenes apart, not fight from no fight): a randomly initialised CNN's
-features carry next to nothing, and there is nothing to train it on. The head is sized for tiny
-datasets: a 1-layer 32-unit Bi-LSTM, weight decay 0.01, 4 cached views per video, 100 head
-epochs with best.pt picked by validation loss (a validation part of 5-8 videos ties on accuracy,
-and ties kept the untrained first epoch). No test-time augmentation. It generates 480 clips from
+features carry next to nothing, and there is nothing to train it on. The head is the
+closed-form `logistic` one (`streams.logistic`): L2 logistic regression (C = 0.1) on each clip's
+pooled statistics of those descriptors, fitted to its optimum on the plain view, so one cached
+view per video is enough and no epoch is picked on a validation part of 5-8 videos. On the 60
+SCFD clips (6 seeds of 5-fold cross-validation) it raised flow from 0.661 to 0.744 and fused from
+0.656 to 0.701 over the 1-layer 32-unit Bi-LSTM trained for 100 epochs with best.pt by validation
+loss, which stays in the fields below for configs that switch the head back (head =
+"bilstm_attention", views 4). No test-time augmentation. It generates 480 clips from
 60 recordings: with fewer, the 15 % validation part is too small to place the operating threshold
 well (160 clips gave 0.83-0.92 test accuracy from run to run, 480 give 0.92-0.99). `gpu` follows the research report: 224 px frames, TV-L1 flow, 16
 steps, VGG19 + 3-layer Bi-LSTM + attention, 30 head epochs then 70 fine-tuning epochs, 5 TTA views.
@@ -124,15 +128,15 @@ CPU = Preset(
     flow_backend="auto",
     extract_workers=1,
     backbone="hoghof",
-    head="bilstm_attention",
+    head="logistic",
     stage="head",
     epochs=100,
     finetune_epochs=1,
     steps=16,
     clip_size=64,
     flow_stack=2,
-    views=4,
-    minority_views=4,
+    views=1,
+    minority_views=1,
     batch_size=16,
     finetune_batch_size=4,
     lstm_layers=1,

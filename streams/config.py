@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 BACKBONES = ("vgg19", "resnet50", "efficientnet_b4", "vit_b_16", "hoghof")
-HEADS = ("bilstm_attention", "gru_attention", "conv1d_lstm", "transformer", "stats_pool")
+HEADS = ("bilstm_attention", "gru_attention", "conv1d_lstm", "transformer", "stats_pool", "logistic")
 LOSSES = ("focal", "bce")
 OPTIMIZERS = ("adamw", "adam")
 
@@ -44,11 +44,13 @@ class ModelConfig:
     transformer_dim: int = 256  # d_model of the transformer head
     transformer_ff: int = 512  # feed-forward width of the transformer head
     transformer_dropout: float = 0.1  # dropout inside the transformer encoder
+    logistic_c: float = 0.1  # inverse L2 strength of the closed-form logistic head (scikit-learn's C)
 
     def __post_init__(self) -> None:
         _check_choice(self, "backbone", BACKBONES)
         _check_choice(self, "head", HEADS)
         _check_positive(self, "image_size", "flow_stack", "flow_bound", "lstm_layers", "lstm_hidden")
+        _check_positive(self, "logistic_c")
         _check_positive(self, "attention_heads", "conv_channels", "conv_kernel", "transformer_layers")
         _check_positive(self, "transformer_dim", "transformer_ff")
         _check_fraction(self, "lstm_dropout", "dropout", "transformer_dropout")

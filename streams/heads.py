@@ -266,6 +266,10 @@ def build_head(cfg: ModelConfig, in_dim: int) -> TemporalHead | StatsPoolHead:
     """The head named by `cfg.head` over `in_dim`-d frame features."""
     if cfg.head == "stats_pool":
         return StatsPoolHead(in_dim, cfg)
+    if cfg.head == "logistic":  # fitted in closed form (streams.logistic), not by gradient steps
+        from streams.logistic import LogisticHead
+
+        return LogisticHead(in_dim, cfg)
     if cfg.head == "bilstm_attention":
         return RecurrentAttentionHead(in_dim, cfg, "lstm")
     if cfg.head == "gru_attention":

@@ -377,12 +377,18 @@ def _stage1(store, stream, run, cfg, info, ids, labels, features, precision, res
         torch.manual_seed(t.seed)
         head = build_head(cfg.model, train_ds.feature_dim)
     model = _place(head, info)
-    optimizer = make_optimizer(head_param_groups(head, cfg.optim.stage_lr(1), cfg.optim.weight_decay), cfg.optim)
     loss_fn = build_loss(cfg.loss, labels["train"]).to(info.device)
-    sampler = EpochSampler(labels["train"], t.seed, t.sampler, t.minority_share, info.rank, info.world)
     batch = _local_batch(t.batch_size, info.world)
-    train_batches = _feature_batches(train_ds, t, batch, info, sampler)
     val_batches = _feature_batches(val_ds, t, batch, info, None)
+    if getattr(head, "closed_form", False):
+        from streams.logistic import fit_closed_form
+
+        return fit_closed_form(model, train_ds, val_batches, loss_fn, c=cfg.model.logistic_c, device=info.device,
+                               precision=precision, metric=t.metric, run=run if info.main else None,
+                               extra=_extra(cfg, "head", stream), on_event=on_event)
+    optimizer = make_optimizer(head_param_groups(head, cfg.optim.stage_lr(1), cfg.optim.weight_decay), cfg.optim)
+    sampler = EpochSampler(labels["train"], t.seed, t.sampler, t.minority_share, info.rank, info.world)
+    train_batches = _feature_batches(train_ds, t, batch, info, sampler)
     steps = math.ceil(len(sampler) / batch)
     return fit_stage(model, train_batches, val_batches, loss_fn, optimizer, stage=1, steps_per_epoch=steps, cfg=t,
                      optim=cfg.optim, device=info.device, precision=precision, run=run if info.main else None,

@@ -13,7 +13,7 @@ from data.store import Store, StoreWriter
 from fusion.oof import check_inner_folds, inner_folds, out_of_fold, train_inner_head
 from fusion.predictions import Predictions, load_split, read_predictions
 from streams.config import ModelConfig, OptimConfig
-from streams.features import features_path
+from streams.features import FeatureDataset, features_path
 from streams.launch import train_stream
 from streams.rundir import RunConfig, RunDir
 from streams.train import TrainConfig, parse_fold
@@ -377,3 +377,26 @@ def test_out_of_fold_over_views_averages_each_inner_head_over_them(hoghof_fold, 
     single = out_of_fold(store, fold_dir, 3, ("cpu", "cpu"), tta=1)
     assert json.loads((fold_dir / "oof.json").read_text())["tta"] == 1
     assert not np.allclose(single.fit["flow"].logits, preds.fit["flow"].logits)
+
+
+def test_logistic_inner_heads_are_fitted_in_closed_form(tmp_path):
+    from streams.logistic import fit_logistic, view0_features
+
+    store = make_store(tmp_path)
+    cfg = tiny_config()
+    cfg = RunConfig(train=cfg.train, model=ModelConfig(**{**TINY.__dict__, "head": "logistic"}), optim=cfg.optim)
+    for stream in ("rgb", "flow"):
+        train_stream(store, stream, tmp_path / "fold0", cfg, "cpu")
+    preds = out_of_fold(store, tmp_path / "fold0", 3, ("cpu", "cpu"))
+    split = inner_folds(store, cfg.train, 3)
+    features = Path(RunDir(tmp_path / "fold0", "flow").read_config()[1]["features"])
+    held = split.folds == 0
+    from streams.heads import build_head
+
+    ds = FeatureDataset(features, split.video_ids[~held].tolist())
+    head = fit_logistic(build_head(cfg.model, ds.feature_dim), *view0_features(ds), cfg.model.logistic_c).eval()
+    target = FeatureDataset(features, split.video_ids[held].tolist())
+    with torch.no_grad():
+        expected = head(torch.stack([target[i]["features"] for i in range(len(target))])).numpy()
+    got = dict(zip(preds.fit["flow"].video_ids, preds.fit["flow"].logits, strict=True))
+    np.testing.assert_allclose([got[v] for v in target.video_ids], expected, atol=1e-6)
