@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "twostream-fusion"
 VERSION = 1
-RESERVED = ("average", "tsn", "learned", "fused")  # candidate names a stream may not take
+RESERVED = ("average", "tsn", "learned", "equal", "fused")  # candidate names a stream may not take
 SELECT_METRICS = ("accuracy", "macro_f1", "f1", "roc_auc")
 _PROB_EPS = 1e-12
 _S_PENALTY = 1e-3  # keeps the prior's scale finite when it separates the classes perfectly
@@ -94,7 +94,7 @@ class FusionModel:
     threshold: float  # operating threshold on the fused probability, chosen on validation
     goal: str  # the threshold goal
     min_recall: float | None  # recall floor for goal "recall"
-    method: str  # "learned"; "single" or "tsn" (fixed weights) after a fallback
+    method: str  # "learned"; "equal" (equal weights, small validation); "single" after a fallback ("tsn": older files)
     selected: str | None = None  # the stream used alone when method == "single"
     fallback_reason: str | None = None  # why no learned fusion is used
     c: float = 1.0  # inverse L2 strength of the logistic layer
@@ -238,22 +238,24 @@ def baselines(
 
 
 def _fit_lr(x: np.ndarray, y: np.ndarray, c: float, prior: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """Class-balanced logistic layer on standardised features, shrunk towards `prior`; weights in raw units.
+    """Class-balanced L2 logistic layer on standardised features, shrunk towards `prior`; weights in raw units.
 
-    On standardised features x~ the logit is s * (x~ @ prior) + x~ @ d + b: the scale s of the
-    prior's fixed combination and the bias b are free, the departure d from it pays sklearn's L2
-    penalty |d|^2 / 2 against C times the balanced log-loss. So strong regularisation gives the
-    prior's combination (calibrated), not the constant model that plain L2 shrinks to; weak
-    regularisation gives the unconstrained layer. `prior` None is all features equally; c = 0 fits
-    s and b alone (d = 0).
+    On standardised features x~ the logit is s * (x~ @ prior) + x~ @ d + b: the scale s >= 0 of
+    the prior's fixed combination and the bias b are free, the departure d from it pays sklearn's
+    L2 penalty |d|^2 / 2 against C times the balanced log-loss. So strong regularisation gives the
+    prior's combination (calibrated, never reversed), not the constant model that plain L2 shrinks
+    to; weak regularisation gives the unconstrained layer. `prior` None is plain L2 (towards no
+    weights at all); c = 0 fits s and b alone (d = 0) and needs a prior.
     """
     from scipy.optimize import minimize
 
     n, f = x.shape
+    if c == 0 and prior is None:
+        raise ValueError("a layer with no free weights (c = 0) needs a prior combination")
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale = np.where(scale > 0, scale, 1.0)  # a constant feature carries nothing; keep it finite
     xs = (x - mean) / scale  # (N, F)
-    u = np.full(f, 1.0 / f) if prior is None else np.asarray(prior, np.float64)
+    u = np.zeros(f) if prior is None else np.asarray(prior, np.float64)
     along = xs @ u  # (N,) the prior's combination
     sw = compute_sample_weight("balanced", y)
     free = c > 0
@@ -271,7 +273,8 @@ def _fit_lr(x: np.ndarray, y: np.ndarray, c: float, prior: np.ndarray | None = N
             grad = np.concatenate([grad, xs.T @ r + d / c])
         return loss, np.asarray(grad, np.float64)
 
-    theta = minimize(objective, np.zeros(2 + (f if free else 0)), jac=True, method="L-BFGS-B",
+    bounds = [(0.0, None), (None, None)] + [(None, None)] * (f if free else 0)  # s >= 0: the prior is never reversed
+    theta = minimize(objective, np.zeros(len(bounds)), jac=True, method="L-BFGS-B", bounds=bounds,
                      options={"maxiter": 2000, "gtol": 1e-9}).x
     w_std = theta[0] * u + (theta[2:] if free else 0.0)
     w = w_std / scale

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusion.pipeline import ViewModel
 from fusion.predictions import Predictions, read_predictions, write_atomic, write_predictions
 from fusion.tta import check_tta
 
@@ -153,10 +154,12 @@ def out_of_fold(
     cfgs = {s: runs[s].read_config() for s in STREAMS}  # stream -> (RunConfig, [run] table)
     split = inner_folds(store, cfgs["rgb"][0].train, k)
     tta = check_tta(tta)
-    cached = _cached(fold_dir, split, tta)
+    test_ids = sorted(split_ids(store, cfgs["rgb"][0].train)["test"])
+    cached = _cached(fold_dir, split, tta, test_ids)
     if cached is not None:
         return cached
-    test_ids = sorted(split_ids(store, cfgs["rgb"][0].train)["test"])
+    # Files of another setting may be half rewritten below: the marker goes first, and comes back last.
+    (fold_dir / _META).unlink(missing_ok=True)
     test_labels, _ = _labels_groups(store, test_ids)
     epochs = {}
     for i, stream in enumerate(STREAMS):
@@ -167,17 +170,19 @@ def out_of_fold(
                              "end to end (stage 2): use head-only training (stage = head) or --inner-folds 0")
         epochs[stream] = int(best["epoch"])
         device = resolve_device(devices[i] if i < len(devices) else "auto")
+        views = ViewModel(fold_dir / stream, device) if tta > 1 else None  # the fold's model, loaded once
         ids, labels, logits, test_logits = [], [], [], []
         for fold in range(split.k):
             held = split.folds == fold
             logger.info("%s: inner fold %d/%d, %d held-out videos", stream, fold + 1, split.k, int(held.sum()))
             held_ids = split.video_ids[held].tolist()
             train_ids = split.video_ids[~held].tolist()
-            if tta == 1:  # the cached plain view
-                z = train_inner_head(Path(info["features"]), cfg, train_ids, held_ids + test_ids, epochs[stream], device)
+            if views is None:  # the cached plain view
+                z = train_inner_head(Path(info["features"]), cfg, train_ids, held_ids + test_ids, epochs[stream],
+                                     device)
             else:
                 head = fit_inner_head(Path(info["features"]), cfg, train_ids, epochs[stream], device)
-                z = view_logits(fold_dir / stream, head, held_ids + test_ids, tta, device)
+                z = view_logits(views, head, held_ids + test_ids, tta)
             ids += held_ids
             labels.append(split.labels[held])
             logits.append(z[: len(held_ids)])
@@ -199,12 +204,13 @@ def _read(fold_dir: Path) -> OutOfFold:
                      {s: read_predictions(oof_path(fold_dir, s, INNER_TEST_SPLIT)) for s in STREAMS})
 
 
-def _cached(fold_dir: Path, split: InnerFolds, tta: int) -> OutOfFold | None:
+def _cached(fold_dir: Path, split: InnerFolds, tta: int, test_ids: list[str]) -> OutOfFold | None:
     meta_path = fold_dir / _META
     if not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    same = meta.get("tta", 1) == tta and meta.get("fold_of") == {v: int(f) for v, f in zip(split.video_ids, split.folds, strict=True)}
+    fold_of = {v: int(f) for v, f in zip(split.video_ids, split.folds, strict=True)}
+    same = meta.get("tta", 1) == tta and meta.get("fold_of") == fold_of and meta.get("test") == test_ids
     fresh = all(oof_path(fold_dir, s, name).is_file()
                 and meta_path.stat().st_mtime >= (fold_dir / s / "best.pt").stat().st_mtime
                 for s in STREAMS for name in (OOF_SPLIT, INNER_TEST_SPLIT))
@@ -234,26 +240,16 @@ def train_inner_head(
     return logits
 
 
-def view_logits(stream_dir: Path, head: torch.nn.Module, video_ids: Sequence[str], tta: int,
-                device: torch.device) -> np.ndarray:
-    """Mean logit (len(video_ids),) float64 over `tta` test-time views of the run's stream model
-    (`stream_dir`: its backbone as best.pt rebuilds it) with `head` in place of its own head."""
-    from data.clips import ClipConfig
-    from fusion.pipeline import clip_forward
-    from fusion.tta import average_predictions, predict_views, tta_views
-    from streams.rundir import load_stream_model
-    from streams.train import use_fused_lstm
+def view_logits(views: ViewModel, head: torch.nn.Module, video_ids: Sequence[str], tta: int) -> np.ndarray:
+    """Mean logit (len(video_ids),) float64 over `tta` test-time views of a run's stream model with
+    `head` in place of its own head (`views`: that model, `fusion.pipeline.ViewModel`)."""
+    from fusion.tta import average_predictions
 
-    model, cfg, info = load_stream_model(stream_dir, "best", device)
-    model.head.load_state_dict(head.state_dict())
-    if device.type == "cpu":
-        use_fused_lstm(model)
-    clip = ClipConfig(steps=cfg.train.steps, flow_stack=cfg.model.flow_stack, size=cfg.train.size)
-    ids, labels, logits, _ = predict_views(clip_forward(model, "head"), Path(info["run"]["store"]), list(video_ids),
-                                           stream_dir.name, clip, tta_views(tta), cfg.train.batch_size, device)
+    views.model.head.load_state_dict(head.state_dict())
+    ids, labels, logits, _ = views.predict(video_ids, tta)
     mean = average_predictions(ids, labels, logits)  # sorted by video id
     order = np.searchsorted(mean.video_ids, np.asarray(video_ids, dtype=str))
-    if not np.array_equal(mean.video_ids[order], np.asarray(video_ids, dtype=str)):
+    if not np.array_equal(mean.video_ids[np.minimum(order, len(mean) - 1)], np.asarray(video_ids, dtype=str)):
         raise RuntimeError("test-time views came back without some of the videos asked for")
     return mean.logits[order]
 
@@ -270,6 +266,7 @@ def fit_inner_head(
     from streams.features import FeatureDataset
     from streams.heads import build_head
     from streams.launch import head_param_groups, make_optimizer
+    from streams.logistic import CLOSED_FORM_HEADS, fit_logistic, view0_features
     from streams.losses import build_loss
     from streams.train import (
         EpochSampler,
@@ -281,9 +278,7 @@ def fit_inner_head(
 
     t = replace(cfg.train, patience=0)  # a fixed epoch: nothing is chosen on validation
     train_ds = FeatureDataset(features, list(train_ids), train=True, seed=t.seed)
-    if cfg.model.head == "logistic":  # fitted in closed form: no epochs
-        from streams.logistic import fit_logistic, view0_features
-
+    if cfg.model.head in CLOSED_FORM_HEADS:  # fitted in closed form: no epochs
         head = build_head(cfg.model, train_ds.feature_dim)
         return fit_logistic(head, *view0_features(train_ds), cfg.model.logistic_c).to(device).eval()
     bank = FeatureBank(train_ds)

@@ -94,31 +94,48 @@ def clip_forward(model, module: str):
     return forward
 
 
+class ViewModel:
+    """A run's stream model rebuilt from its best.pt, scored over test-time views of the store it was trained on.
+
+    `model.head` may be swapped for another head of the same config (fusion.oof's inner heads).
+    """
+
+    def __init__(self, stream_dir: Path, device) -> None:
+        from data.clips import ClipConfig
+        from streams.rundir import load_stream_model
+        from streams.train import use_fused_lstm
+
+        self.model, cfg, info = load_stream_model(stream_dir, "best", _device(device))
+        self.device = next(self.model.parameters()).device
+        if self.device.type == "cpu":
+            use_fused_lstm(self.model)  # same results, faster recurrent layers on a CPU
+        self.store = Path(info["run"].get("store", ""))
+        if not self.store.exists() and not self.store.with_name(self.store.name + ".parts").is_dir():
+            raise FileNotFoundError(
+                f"{stream_dir} was trained on store {self.store}, which no longer exists; TTA needs it"
+            )
+        self.stream = stream_dir.name
+        self.clip = ClipConfig(steps=cfg.train.steps, flow_stack=cfg.model.flow_stack, size=cfg.train.size)
+        self.forward = clip_forward(self.model, info.get("module") or "model")
+
+    def predict(self, video_ids: Sequence[str], k: int, batch_size: int = 8):
+        """Per-row (video ids, labels, logits, view numbers) over the first `k` views (fusion.tta.predict_views)."""
+        from fusion.tta import predict_views
+
+        return predict_views(self.forward, self.store, list(video_ids), self.stream, self.clip, tta_views(k),
+                             batch_size, self.device)
+
+
 def _compute_tta(stream_dir: Path, splits: Sequence[str], k: int, device: str, batch_size: int) -> None:
     """Write `predictions_<split>_tta<k>.csv` for each split: every view of every video of that split."""
-    from data.clips import ClipConfig
     from fusion.predictions import write_predictions
-    from fusion.tta import predict_views
-    from streams.rundir import load_stream_model
-    from streams.train import use_fused_lstm
 
-    model, cfg, info = load_stream_model(stream_dir, "best", _device(device))
-    dev = next(model.parameters()).device
-    if dev.type == "cpu":
-        use_fused_lstm(model)  # same results, faster recurrent layers on a CPU
-    store = Path(info["run"].get("store", ""))
-    if not store.exists() and not store.with_name(store.name + ".parts").is_dir():
-        raise FileNotFoundError(
-            f"{stream_dir} was trained on store {store}, which no longer exists; TTA needs it"
-        )
-    clip = ClipConfig(steps=cfg.train.steps, flow_stack=cfg.model.flow_stack, size=cfg.train.size)
-    forward = clip_forward(model, info.get("module") or "model")
+    views = ViewModel(stream_dir, device)
     for split in splits:
         # The run's own CSV names the videos of the split, so TTA keeps the split it was trained with.
         ids = load_split(stream_dir, split).video_ids.tolist()
-        rows = predict_views(forward, store, ids, stream_dir.name, clip, tta_views(k), batch_size, dev)
-        ids_r, labels, logits, views = rows
-        write_predictions(_tta_path(stream_dir, split, k), ids_r, labels, logits, views)
+        ids_r, labels, logits, view_of = views.predict(ids, k, batch_size)
+        write_predictions(_tta_path(stream_dir, split, k), ids_r, labels, logits, view_of)
 
 
 def _device(device: str):
@@ -269,6 +286,9 @@ def fit_run(
     cfg = _fusion_config(goal, min_recall)
     if (fit_set is not None or test_set is not None) and len(runs) != 1:
         raise ValueError("a fit or test set replaces the predictions of one run, not of an ensemble")
+    for name, given in (("fit", fit_set), ("test", test_set)):
+        if given is not None and not set(STREAMS) <= set(given):
+            raise ValueError(f"the {name} set needs predictions of both streams; it has {', '.join(given) or 'none'}")
     if len(runs) == 1:
         if fit_set is not None and test_set is not None:  # the run's own heads predict nothing here
             check_run(runs[0])
@@ -304,6 +324,7 @@ def fit_run(
     comparison = compare_candidates(val, test, fused, float(model.threshold), cfg, name)
     doc = {"tta": k, "goal": cfg.goal, "min_recall": cfg.min_recall, "runs": [str(r) for r in runs],
            "fitted_on": "validation" if fit_set is None else "out-of-fold",
+           "tested_on": "the run's heads" if test_set is None else "inner-fold heads",
            "model": str(path), "fallback_reason": getattr(model, "fallback_reason", None), **comparison}
     write_atomic(path.with_name(path.stem + "_comparison.json"), json.dumps(doc, indent=2) + "\n")
     return FusionOutcome(model, path, val, test, comparison, k)
@@ -493,8 +514,9 @@ def cross_validate(
     """Stratified group k-fold: per fold train both streams, fuse on its val part, evaluate on its test fold.
 
     `store` may also be a dataset folder or CSV: it is indexed and extracted into OUT/store.h5
-    with the preset's settings first (OUT/manifest.csv, resumable). No source recording is in two folds; each round's validation part is carved from the
-    training folds by group (data.splits.fold_split). `config` (a streams RunConfig) replaces the
+    with the preset's settings first (OUT/manifest.csv, resumable). No source recording is in two
+    folds; each round's validation part is carved from the training folds by group
+    (data.splits.fold_split). `config` (a streams RunConfig) replaces the
     preset's training config. `seed` (the preset's; a `config` keeps its own) draws the folds
     and seeds training: repeated with other seeds, it is repeated k-fold cross-validation.
     `inner_folds` K >= 2 (None: the preset's, lowered or off where the data or training rule it
@@ -555,8 +577,8 @@ def cross_validate(
         except ValueError as exc:
             raise ValueError(f"fold {fold} of {folds}: {exc}") from None
         rows.append({"fold": fold, "run": str(fold_dir), "fallback_reason": result["fallback_reason"],
-                     "fusion_method": result["fusion_method"], "fitted_on": "validation" if fit_set is None else "out-of-fold",
-                     "n_fit": result["n_fit"],
+                     "fusion_method": result["fusion_method"],
+                     "fitted_on": "validation" if fit_set is None else "out-of-fold", "n_fit": result["n_fit"],
                      **{m: {name: _pick(result["metrics"][m], keys) for name, keys in _CV_METRICS}
                         for m in ("rgb", "flow", "fused")},
                      "n_test": result["metrics"]["fused"]["n"]})
@@ -621,8 +643,7 @@ def _cv_markdown(doc: Mapping) -> str:
               "|---:|---:|---:|---:|---:|---|---|"]
     for r in doc["rounds"]:
         method = r.get("fusion_method")
-        note = ("equal weights" if method == "equal" else "fixed TSN weights" if method == "tsn"
-                else "one stream" if method == "single"
+        note = ("equal weights" if method == "equal" else "one stream" if method == "single"
                 else "fallback to one stream" if r.get("fallback_reason") else "")
         fit = f"{'out-of-fold' if n_inner else 'validation'} ({r.get('n_fit', '?')} videos)"
         lines.append(f"| {r['fold']} | {r['n_test']} | {r['rgb']['accuracy']:.4f} | {r['flow']['accuracy']:.4f} "

@@ -16,8 +16,9 @@ SCFD clips (6 seeds of 5-fold cross-validation) it raised flow from 0.661 to 0.7
 loss, which stays in the fields below for configs that switch the head back (head =
 "bilstm_attention", views 4). No test-time augmentation. It generates 480 clips from
 60 recordings: with fewer, the 15 % validation part is too small to place the operating threshold
-well (160 clips gave 0.83-0.92 test accuracy from run to run, 480 give 0.92-0.99). `gpu` follows the research report: 224 px frames, TV-L1 flow, 16
-steps, VGG19 + 3-layer Bi-LSTM + attention, 30 head epochs then 70 fine-tuning epochs, 5 TTA views.
+well (160 clips gave 0.83-0.92 test accuracy from run to run, 480 give 0.92-0.99). `gpu` follows
+the research report: 224 px frames, TV-L1 flow, 16 steps, VGG19 + 3-layer Bi-LSTM + attention, 30
+head epochs then 70 fine-tuning epochs, 5 TTA views.
 """
 
 from __future__ import annotations

@@ -266,7 +266,7 @@ def build_head(cfg: ModelConfig, in_dim: int) -> TemporalHead | StatsPoolHead:
     """The head named by `cfg.head` over `in_dim`-d frame features."""
     if cfg.head == "stats_pool":
         return StatsPoolHead(in_dim, cfg)
-    if cfg.head == "logistic":  # fitted in closed form (streams.logistic), not by gradient steps
+    if cfg.head == "logistic":  # stage 1 fits it in closed form (streams.logistic)
         from streams.logistic import LogisticHead
 
         return LogisticHead(in_dim, cfg)

@@ -368,6 +368,7 @@ def _extra(cfg: RunConfig, module: str, stream: str) -> dict:
 def _stage1(store, stream, run, cfg, info, ids, labels, features, precision, resume_state, best, on_event) -> dict:
     from streams.features import FeatureDataset
     from streams.heads import build_head
+    from streams.logistic import CLOSED_FORM_HEADS
     from streams.losses import build_loss
 
     t = cfg.train
@@ -380,7 +381,7 @@ def _stage1(store, stream, run, cfg, info, ids, labels, features, precision, res
     loss_fn = build_loss(cfg.loss, labels["train"]).to(info.device)
     batch = _local_batch(t.batch_size, info.world)
     val_batches = _feature_batches(val_ds, t, batch, info, None)
-    if getattr(head, "closed_form", False):
+    if cfg.model.head in CLOSED_FORM_HEADS:
         from streams.logistic import fit_closed_form
 
         return fit_closed_form(model, train_ds, val_batches, loss_fn, c=cfg.model.logistic_c, device=info.device,

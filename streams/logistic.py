@@ -7,7 +7,7 @@ of validation videos. Trained by mini-batch SGD instead (the `stats_pool` head),
 lands wherever the epoch chosen on 5-8 validation videos leaves it.
 
 `LogisticHead` is a `StatsPoolHead` (the same statistics, affine, linear embedding and logit), so
-checkpoints, TTA views and scoring treat it like any head; only its weights come from
+checkpoints, TTA views and scoring treat it like any head; only its stage-1 weights come from
 `fit_logistic` instead of gradient steps: the statistics of each training video's plain view
 (view 0 of the features cache, the clip evaluation sees) are standardised into the head's affine,
 scikit-learn's class-balanced `LogisticRegression` with `ModelConfig.logistic_c` is fitted on them
@@ -21,31 +21,38 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
+import h5py
 import numpy as np
 import torch
 from torch import nn
 
 from streams.heads import StatsPoolHead, masked_statistics
 
+if TYPE_CHECKING:
+    from streams.rundir import RunDir
+    from streams.train import Precision
+
 log = logging.getLogger(__name__)
 
 _STD_FLOOR = 1e-3  # as StatsPoolHead's data-dependent initialisation: constant statistics get a bounded gain
+CLOSED_FORM_HEADS = ("logistic",)  # heads whose stage 1 is `fit_closed_form`, not the SGD stage loop
 
 
 class LogisticHead(StatsPoolHead):
-    """A StatsPoolHead whose weights are fitted in closed form (`fit_logistic`), never by gradient steps."""
+    """A StatsPoolHead whose stage-1 weights are fitted in closed form (`fit_logistic`).
 
-    closed_form = True
+    Stage 2, when a run asks for it, fine-tunes it with the backbone by gradient steps from there.
+    """
 
 
 def view0_features(dataset) -> tuple[torch.Tensor, np.ndarray]:
     """The plain view of every video of a `streams.features.FeatureDataset`: features (N, T, D) float32, labels (N,)."""
-    from streams.features import FeatureDataset
-
-    plain = FeatureDataset(dataset.path, dataset.video_ids)  # train=False: view 0
-    x = torch.stack([plain[i]["features"] for i in range(len(plain))]) if len(plain) else torch.zeros(0)
-    return x, np.asarray(plain.labels, np.int64)
+    with h5py.File(dataset.path, "r") as f:
+        videos = f["videos"]
+        x = np.stack([videos[v]["features"][0] for v in dataset.video_ids]) if len(dataset) else np.zeros((0, 0, 0))
+    return torch.from_numpy(x.astype(np.float32)), np.asarray(dataset.labels, np.int64)
 
 
 @torch.no_grad()
@@ -84,9 +91,9 @@ def fit_closed_form(
     *,
     c: float,
     device: torch.device,
-    precision,
+    precision: Precision,
     metric: str,
-    run=None,
+    run: RunDir | None = None,
     extra: dict | None = None,
     on_event: Callable[[dict], None] | None = None,
 ) -> dict:
@@ -101,7 +108,6 @@ def fit_closed_form(
     start = time.perf_counter()
     features, labels = view0_features(train_ds)
     fit_logistic(head, features, labels, c)
-    head.to(device)
     metrics, *_ = evaluate(model, val_batches(), device, loss_fn, precision)
     seconds = time.perf_counter() - start
     with torch.inference_mode():

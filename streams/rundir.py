@@ -62,6 +62,11 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimiser and lr schedule
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # stage 2 clips and cached feature views
 
+    def __post_init__(self) -> None:
+        if self.model.head == "logistic" and self.train.stage == "finetune":
+            raise ValueError("the logistic head is fitted in closed form on cached features (stage 1): use "
+                             "stage = head or both, not finetune")
+
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: getattr(self, name).to_dict() for name in SECTIONS}
 

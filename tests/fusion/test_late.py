@@ -120,6 +120,29 @@ class TestLearnedFusion:
         free, _ = _fit_lr(x, val["rgb"].labels, 1e4, np.array([0.5, 0.5]))
         assert free[1] / (free[0] * 5.0) == pytest.approx(4.0, rel=0.3)  # the true 0.5 : 2.0
 
+    def test_the_equal_weight_average_is_never_reversed(self):
+        # Two streams whose logits run against the labels: the average may only be scaled, not
+        # flipped, so it cannot win by inverting both trained models on a handful of videos.
+        val = _logistic_streams(12, seed=14, w_rgb=-3.0, w_flow=-3.0, bias=0.0)
+        model = fit_fusion(val)
+        if model.method == "equal":
+            assert min(model.weights) >= 0.0
+        from fusion.late import _fit_lr
+
+        w, _ = _fit_lr(np.c_[val["rgb"].logits, val["flow"].logits], val["rgb"].labels, 0.0, np.array([0.5, 0.5]))
+        assert w == pytest.approx([0.0, 0.0], abs=1e-6)
+
+    def test_calibration_layers_follow_their_strength(self):
+        # Without a prior the layer is plain L2 logistic regression: a stronger penalty, a smaller weight.
+        from fusion.late import _fit_lr
+
+        val = _logistic_streams(200, seed=15)
+        x, y = val["rgb"].logits.reshape(-1, 1), val["rgb"].labels
+        weights = [_fit_lr(x, y, c)[0][0] for c in (0.01, 1.0, 100.0)]
+        assert 0 < weights[0] < weights[1] < weights[2]
+        with pytest.raises(ValueError, match="needs a prior"):
+            _fit_lr(x, y, 0.0)
+
     def test_one_minority_video_keeps_the_best_candidate(self):
         ids = _ids(6)
         y = np.array([1, 1, 1, 1, 1, 0])
@@ -260,10 +283,11 @@ class TestErrors:
         with pytest.raises(ValueError, match="only violent videos"):
             fit_fusion({"rgb": p, "flow": p})
 
-    def test_reserved_stream_name(self):
+    @pytest.mark.parametrize("name", ["average", "equal", "learned"])
+    def test_reserved_stream_name(self, name):
         p = Predictions(["a", "b"], [1, 0], [0.1, 0.2])
         with pytest.raises(ValueError, match="reserved"):
-            fit_fusion({"average": p, "flow": p})
+            fit_fusion({name: p, "flow": p})
 
     @pytest.mark.parametrize(
         "kwargs, match",

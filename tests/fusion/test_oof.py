@@ -337,19 +337,28 @@ def hoghof_fold(tmp_path_factory):
 
 
 def test_out_of_fold_over_views_averages_each_inner_head_over_them(hoghof_fold, monkeypatch):
+    from fusion.pipeline import ViewModel
+
     store, fold_dir = hoghof_fold
-    seen = []
+    seen, loaded = [], []
     real = oof.view_logits
 
-    def spy(stream_dir, head, video_ids, tta, device):
-        z = real(stream_dir, head, video_ids, tta, device)
-        seen.append((stream_dir.name, head, list(video_ids), tta, z))
+    def spy(views, head, video_ids, tta):
+        z = real(views, head, video_ids, tta)
+        seen.append((views.stream, head, list(video_ids), tta, z))
         return z
 
+    class CountedViewModel(ViewModel):
+        def __init__(self, *a):
+            super().__init__(*a)
+            loaded.append(self.stream)
+
     monkeypatch.setattr(oof, "view_logits", spy)
+    monkeypatch.setattr(oof, "ViewModel", CountedViewModel)
     monkeypatch.setattr(oof, "train_inner_head", lambda *a: pytest.fail("the cached plain view was used"))
     preds = out_of_fold(store, fold_dir, 3, ("cpu", "cpu"), tta=2)
     assert [(s, t) for s, _, _, t, _ in seen] == [("rgb", 2)] * 3 + [("flow", 2)] * 3
+    assert loaded == ["rgb", "flow"]  # each stream's model is loaded once, its head swapped per inner fold
     assert json.loads((fold_dir / "oof.json").read_text())["tta"] == 2
     ids = video_ids_for_split(store, fold=(0, 3), seed=0)
     test = sorted(ids["test"])
@@ -357,10 +366,10 @@ def test_out_of_fold_over_views_averages_each_inner_head_over_them(hoghof_fold, 
     np.testing.assert_allclose(preds.test["flow"].logits, np.mean(flow_heads, axis=0))
 
     stream, head, video_ids, _, z = seen[-1]
+    views = ViewModel(fold_dir / stream, "cpu")
     features = Path(RunDir(fold_dir, stream).read_config()[1]["features"])
     # View 0 computed on the fly is the cached plain view (float16-rounded features) ...
-    plain = real(fold_dir / stream, head, video_ids, 1, torch.device("cpu"))
-    from streams.features import FeatureDataset
+    plain = real(views, head, video_ids, 1)
     from streams.train import FeatureBank, predict
 
     bank = FeatureBank(FeatureDataset(features, video_ids))
@@ -369,14 +378,44 @@ def test_out_of_fold_over_views_averages_each_inner_head_over_them(hoghof_fold, 
     np.testing.assert_allclose(plain, cached, atol=1e-4)
     # ... the two-view mean differs from it (view 1 is mirrored), and the order follows the ids asked for.
     assert not np.allclose(z, plain)
-    shuffled = video_ids[::-1]
-    np.testing.assert_allclose(real(fold_dir / stream, head, shuffled, 2, torch.device("cpu")), z[::-1], atol=1e-9)
+    np.testing.assert_allclose(real(views, head, video_ids[::-1], 2), z[::-1], atol=1e-9)
 
     # One view is another set of predictions: not reused for it.
     monkeypatch.undo()
     single = out_of_fold(store, fold_dir, 3, ("cpu", "cpu"), tta=1)
     assert json.loads((fold_dir / "oof.json").read_text())["tta"] == 1
     assert not np.allclose(single.fit["flow"].logits, preds.fit["flow"].logits)
+
+
+def test_an_interrupted_recompute_is_never_reused(hoghof_fold, monkeypatch):
+    # A recompute for other settings rewrites rgb's files before flow's; stopped in between, the
+    # next call must not take rgb's new files with flow's old ones as one set.
+    store, fold_dir = hoghof_fold
+    out_of_fold(store, fold_dir, 3, ("cpu", "cpu"), tta=1)
+    calls = []
+    real = oof.view_logits
+
+    def stop_at_flow(views, head, video_ids, tta):
+        calls.append(views.stream)
+        if views.stream == "flow":
+            raise KeyboardInterrupt
+        return real(views, head, video_ids, tta)
+
+    monkeypatch.setattr(oof, "view_logits", stop_at_flow)
+    with pytest.raises(KeyboardInterrupt):
+        out_of_fold(store, fold_dir, 3, ("cpu", "cpu"), tta=2)
+    assert calls == ["rgb"] * 3 + ["flow"] and not (fold_dir / "oof.json").exists()
+    monkeypatch.undo()
+    again = out_of_fold(store, fold_dir, 3, ("cpu", "cpu"), tta=1)  # recomputed, both streams with one view
+    meta = json.loads((fold_dir / "oof.json").read_text())
+    assert meta["tta"] == 1
+    single = train_inner_head(Path(RunDir(fold_dir, "rgb").read_config()[1]["features"]),
+                              RunDir(fold_dir, "rgb").read_config()[0],
+                              [v for v, f in meta["fold_of"].items() if f != 0],
+                              [v for v, f in meta["fold_of"].items() if f == 0], meta["epoch"]["rgb"],
+                              torch.device("cpu"))
+    got = dict(zip(again.fit["rgb"].video_ids, again.fit["rgb"].logits, strict=True))
+    np.testing.assert_allclose([got[v] for v, f in meta["fold_of"].items() if f == 0], single, atol=1e-6)
 
 
 def test_logistic_inner_heads_are_fitted_in_closed_form(tmp_path):

@@ -41,6 +41,13 @@ def _perfect_and_noise(n, seed):
     return y, {"rgb": np.where(y == 1, 1.0, -1.0) * (6 + np.abs(rng.normal(0, 1, n))), "flow": rng.normal(0, 1, n)}
 
 
+def _strong_and_noise(n, seed):
+    """RGB ranks the videos well but not perfectly; flow is noise."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.6).astype(int)
+    return y, {"rgb": (2 * y - 1) * 1.5 + rng.normal(0, 1, n), "flow": rng.normal(0, 1, n)}
+
+
 def _noisy_copy(n, seed):
     """The labels of `_complementary` with its logits blurred: a weaker second run of the same videos."""
     y, logits = _complementary(n, seed)
@@ -70,13 +77,13 @@ class TestFuse:
         assert set(doc["val"]) == set(test) and doc["tta"] == 1 and doc["fallback_reason"] is None
 
     def test_falls_back_to_the_better_stream_and_says_why(self, tmp_path):
-        run = make_run(tmp_path / "run", _perfect_and_noise, n_val=60, n_test=40)
+        run = make_run(tmp_path / "run", _strong_and_noise, n_val=60, n_test=40)
         outcome = fit_run(run)
         assert outcome.model.method == "single" and outcome.model.selected == "rgb"
         assert "rgb alone" in outcome.fallback_reason
         doc = json.loads((run / "fusion_comparison.json").read_text())
         assert "rgb alone" in doc["fallback_reason"]
-        assert doc["test"]["fused"]["accuracy"] == doc["test"]["rgb"]["accuracy"] == 1.0
+        assert doc["test"]["fused"]["accuracy"] == doc["test"]["rgb"]["accuracy"]
 
     def test_recall_floor_becomes_the_goal(self, tmp_path):
         run = make_run(tmp_path / "run", _complementary)

@@ -93,3 +93,12 @@ def test_training_a_logistic_head_fits_once_and_writes_a_run(tmp_path):
         logits = head(torch.stack([ds[i]["features"] for i in range(len(ds))])).numpy()
     np.testing.assert_allclose(logits, test.logits, atol=1e-4)
     assert ((logits > 0) == test.labels).mean() >= 0.75
+
+
+def test_a_logistic_head_is_not_trained_end_to_end_from_scratch():
+    from streams.rundir import RunConfig
+    from streams.train import TrainConfig
+
+    with pytest.raises(ValueError, match="stage = head or both"):
+        RunConfig(train=TrainConfig(stage="finetune"), model=CFG)
+    assert RunConfig(train=TrainConfig(stage="both"), model=CFG).model.head == "logistic"
