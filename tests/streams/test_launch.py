@@ -113,6 +113,18 @@ def test_both_stages_cache_features_then_fine_tune(tmp_path, small_backbone, str
     assert (cfg.train.views, cfg.train.minority_views) == (1, 2)
 
 
+def test_a_closed_form_head_is_fine_tuned_end_to_end_from_its_fit(tmp_path, small_backbone):
+    store = make_data(tmp_path / "data", n=12, streams=())
+    base = _small_config()
+    cfg = replace(base, model=replace(base.model, head="logistic"))
+    run = train_stream(store, "flow", tmp_path / "run", cfg, "cpu")
+    stages = [(r["stage"], r["epoch"]) for r in RunDir(run.parent, "flow").read_metrics()]
+    assert stages == [("head", 0), ("finetune", 0), ("finetune", 1)]  # one closed-form fit, then epochs
+    last = load_checkpoint(run / "last.pt")
+    assert last["module"] == "model" and last["stage"] == 2 and last["stage_finished"]
+    assert len(load_split(run, "test")) == 3
+
+
 def test_a_stage_one_model_reloads_with_the_backbone_its_features_came_from(tmp_path, small_backbone):
     store = make_data(tmp_path / "data", n=12, streams=())
     run = train_stream(store, "rgb", tmp_path / "run", _small_config(stage="head"), "cpu")
