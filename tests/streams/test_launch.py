@@ -67,6 +67,23 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path):
     np.testing.assert_allclose(pb.logits, pa.logits, atol=1e-4)
 
 
+def test_two_process_ddp_fits_the_same_closed_form_head(tmp_path):
+    store = make_data(tmp_path / "data", n=32, streams=("rgb",))
+    cfg = tiny_config(amp="off")
+    cfg = replace(cfg, model=replace(cfg.model, head="logistic"))
+    one = train_stream(store, "rgb", tmp_path / "one", cfg, "cpu")
+    tmp_mp.start_processes(_ddp_rank, args=(2, _free_port(), str(store), str(tmp_path / "ddp"), cfg.to_dict()),
+                           nprocs=2, start_method="fork")
+    ddp = tmp_path / "ddp" / "rgb"
+    a, b = load_checkpoint(one / "best.pt"), load_checkpoint(ddp / "best.pt")
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value)
+    assert len(RunDir(ddp.parent, "rgb").read_metrics()) == 1  # written once, by rank 0
+    pa, pb = load_split(one, "test"), load_split(ddp, "test")
+    assert list(pb.video_ids) == list(pa.video_ids)
+    np.testing.assert_allclose(pb.logits, pa.logits, atol=1e-5)
+
+
 def test_outside_torchrun_one_process_on_the_asked_device(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     info, created = init_distributed("cpu")
