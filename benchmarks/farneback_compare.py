@@ -206,7 +206,7 @@ def main() -> None:
         f" OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     )
     if device.type == "cpu":
-        fast = _farneback_native.available(torch.zeros(1))
+        fast = _farneback_native.built()
         print(
             f"torch kernels on the CPU: {'C (flow/_farneback_native.py)' if fast else 'eager ops'}"
         )

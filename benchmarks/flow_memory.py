@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -59,12 +60,17 @@ def main() -> None:
     parser.add_argument("--size", default="240x320", help="HxW")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one method in this process
     args = parser.parse_args()
+    from flow.batching import BYTES_PER_PIXEL
+
+    if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", args.size):
+        parser.error(f"--size must be HxW, e.g. 240x320, got {args.size!r}")
+    unknown = [m for m in args.methods.split(",") if m not in BYTES_PER_PIXEL]
+    if unknown:
+        parser.error(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(BYTES_PER_PIXEL)}")
     height, width = (int(v) for v in args.size.split("x"))
     if args.one:
         print(f"{measure(args.one, args.pairs, height, width, args.device):.0f}")
         return
-    from flow.batching import BYTES_PER_PIXEL
-
     print(f"{args.pairs} pairs of {height}x{width} on {args.device}, one solve, eager ops")
     print(f"{'method':10s} {'B/px measured':>14s} {'BYTES_PER_PIXEL':>16s}")
     for method in args.methods.split(","):

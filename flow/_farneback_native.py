@@ -44,7 +44,7 @@ _NATIVE_FLAGS = ["-march=native"]
 _FLOAT_P = ctypes.POINTER(ctypes.c_float)
 _INT_P = ctypes.POINTER(ctypes.c_int)
 _P = ctypes.c_void_p  # tensor data, passed as addresses
-_SIGNATURES = {  # name: argument types; every kernel returns int (0, or -1 out of memory) or void
+_SIGNATURES = {  # name: argument types; every kernel returns int (0, or -1 out of memory)
     "fb_expand": [_P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _FLOAT_P, _FLOAT_P, _FLOAT_P]
     + [ctypes.c_double] * 4
     + [_P, ctypes.c_long],
@@ -69,11 +69,19 @@ def built() -> bool:
     return _library() is not None
 
 
-@functools.lru_cache(maxsize=1)
+_LOADED: list = []  # [the library or None] once decided
+
+
 def _library() -> ctypes.CDLL | None:
-    """The compiled kernels, built on first use; None when they cannot be (decided once, logged)."""
-    with _LOCK:
-        return _load()
+    """The compiled kernels, built on first use; None when they cannot be (decided once per process, logged)."""
+    if not _LOADED:
+        with _LOCK:
+            if not _LOADED:  # threads that waited on the lock find it decided
+                _LOADED.append(_load())
+    return _LOADED[0]
+
+
+_library.cache_clear = _LOADED.clear  # decide again on the next call (as a cached function's reset)
 
 
 def _load() -> ctypes.CDLL | None:
@@ -202,8 +210,7 @@ def resampling_available(x: Tensor) -> bool:
 
 def pyramid_level(images: Tensor, scale: float, size: tuple[int, int]) -> Tensor:
     """cvresize.pyramid_level of float32 images. Shape: (B, 1, H, W) -> (B, 1, h, w)."""
-    sigma = (1.0 / scale - 1.0) * 0.5
-    ksize = max(round(sigma * 5) | 1, 3)
+    ksize, sigma = cvresize.level_blur(scale)
     images = images.contiguous()
     batch, _, height, width = images.shape
     blurred = torch.empty_like(images)

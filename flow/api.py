@@ -52,7 +52,6 @@ def cpu_auto_backend(method: str) -> str:
     """`auto` on a CPU: the faster backend at equal accuracy, as measured by benchmarks/flow_bench.py
     on a 2-core machine (README, "Optical flow"): torch for both methods, except Farneback where
     its C kernels cannot be built (no compiler): its eager ops run at a quarter of OpenCV's speed."""
-    _check_method(method)
     if method == "farneback" and not farneback_kernels_built():
         return "opencv"
     return "torch"
@@ -151,6 +150,8 @@ def _check_shapes(prev, nxt) -> None:
 def _to_grey_uint8(x) -> np.ndarray:
     """(N, H, W[, 3]) array or tensor -> (N, H, W) uint8 for OpenCV: the torch estimators' grey
     levels, rounded (uint8 grey frames pass through unchanged)."""
+    if x.ndim == 3 and x.dtype in (np.uint8, torch.uint8):  # already what OpenCV takes
+        return np.ascontiguousarray(x.cpu().numpy() if isinstance(x, torch.Tensor) else x)
     grey = _to_grey_float(x, torch.device("cpu"))
     if not bool(torch.isfinite(grey).all()):
         raise ValueError("the frames hold NaN or infinite grey levels")

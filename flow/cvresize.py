@@ -18,6 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def level_blur(scale: float) -> tuple[int, float]:
+    """Kernel size and sigma of the Gaussian smoothing before a pyramid level of `scale` (< 1), as OpenCV's Farneback."""
+    sigma = (1.0 / scale - 1.0) * 0.5
+    return max(round(sigma * 5) | 1, 3), sigma
+
+
 def pyramid_level(images: Tensor, scale: float, size: tuple[int, int]) -> Tensor:
     """OpenCV's pyramid level: Gaussian pre-smoothing of the full image, then a linear resize.
 
@@ -29,8 +35,7 @@ def pyramid_level(images: Tensor, scale: float, size: tuple[int, int]) -> Tensor
     Shape:
         images (B, 1, H, W) -> (B, 1, h, w).
     """
-    sigma = (1.0 / scale - 1.0) * 0.5
-    ksize = max(round(sigma * 5) | 1, 3)
+    ksize, sigma = level_blur(scale)
     height, width = images.shape[-2:]
     if (height, width) == size:
         return gaussian_blur(images, ksize, sigma)

@@ -249,7 +249,7 @@ def _fit_lr(x: np.ndarray, y: np.ndarray, c: float, prior: np.ndarray | None = N
     """
     from scipy.optimize import minimize
 
-    n, f = x.shape
+    f = x.shape[1]
     if c == 0 and prior is None:
         raise ValueError("a layer with no free weights (c = 0) needs a prior combination")
     mean, scale = x.mean(axis=0), x.std(axis=0)
@@ -343,8 +343,8 @@ def _prior(features: tuple[str, ...]) -> np.ndarray:
     return is_logit / is_logit.sum()
 
 
-def _fixed_fusion(x: np.ndarray, y: np.ndarray, features: tuple[str, ...], logits: Mapping[str, np.ndarray],
-                  scores: dict, minority: int, cfg: FusionConfig, common: dict) -> FusionModel:
+def _fixed_fusion(y: np.ndarray, logits: Mapping[str, np.ndarray], scores: dict, minority: int, cfg: FusionConfig,
+                  common: dict) -> FusionModel:
     """Fusion for a validation set too small to fit weights: the equal-weight layer, or one stream.
 
     A logistic layer needs about ten videos of the rarer class per weight it fits (events per
@@ -355,7 +355,7 @@ def _fixed_fusion(x: np.ndarray, y: np.ndarray, features: tuple[str, ...], logit
     """
     streams = tuple(logits)
     logit_features = tuple(f"{st}:logit" for st in streams)
-    xl = x[:, [features.index(name) for name in logit_features]]
+    xl = np.stack([np.asarray(logits[st], np.float64) for st in streams], axis=1)  # (N, streams)
     w, b = _fit_lr(xl, y, 0.0, _prior(logit_features))
     equal = xl @ w + b
     scores["equal"] = _score(y, equal, cfg)
@@ -420,7 +420,7 @@ def fit_fusion(
     scores = {name: _score(y, p.logits, cfg) for name, p in base.items()}
     common = dict(streams=streams, goal=cfg.goal, min_recall=cfg.min_recall, n_val=len(y), validation=scores)
     if minority < cfg.cv_min_per_class:
-        return _fixed_fusion(x, y, features, logits, scores, minority, cfg, common)
+        return _fixed_fusion(y, logits, scores, minority, cfg, common)
 
     prior = _prior(features)
     folds = StratifiedKFold(cfg.cv_folds, shuffle=True, random_state=cfg.seed)
