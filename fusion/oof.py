@@ -263,10 +263,11 @@ def fit_inner_head(
     The run's learning-rate schedule is kept (its total epochs are not cut); training stops once
     `epoch` (0-based) is done, since later epochs cannot change the model taken.
     """
+    from streams.config import CLOSED_FORM_HEADS
     from streams.features import FeatureDataset
     from streams.heads import build_head
     from streams.launch import head_param_groups, make_optimizer
-    from streams.logistic import CLOSED_FORM_HEADS, fit_logistic, view0_features
+    from streams.logistic import fit_logistic, view0_features
     from streams.losses import build_loss
     from streams.train import (
         EpochSampler,

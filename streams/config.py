@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 BACKBONES = ("vgg19", "resnet50", "efficientnet_b4", "vit_b_16", "hoghof")
 HEADS = ("bilstm_attention", "gru_attention", "conv1d_lstm", "transformer", "stats_pool", "logistic")
+CLOSED_FORM_HEADS = ("logistic",)  # heads whose stage 1 is a closed-form fit (streams.logistic), not SGD epochs
 LOSSES = ("focal", "bce")
 OPTIMIZERS = ("adamw", "adam")
 

@@ -181,6 +181,9 @@ class TransformerHead(TemporalHead):
         return self.encoder(h, src_key_padding_mask=None if mask is None else ~mask)
 
 
+STD_FLOOR = 1e-3  # added to a statistic's deviation before it divides: constant statistics get a bounded gain
+
+
 def masked_statistics(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """Per-dimension mean, standard deviation, max and mean |x_t - x_{t-1}| over each clip's valid steps.
 
@@ -243,7 +246,7 @@ class StatsPoolHead(nn.Module):
         mean = total / count
         std = (squares / count - mean * mean).clamp_min(0.0).sqrt()
         self.shift.copy_(mean)
-        self.log_scale.copy_(-torch.log(std + 1e-3))  # dims constant in the batch get a bounded gain
+        self.log_scale.copy_(-torch.log(std + STD_FLOOR))  # dims constant in the batch get a bounded gain
         self.initialized.fill_(True)
 
     def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

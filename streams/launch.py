@@ -366,9 +366,9 @@ def _extra(cfg: RunConfig, module: str, stream: str) -> dict:
 
 
 def _stage1(store, stream, run, cfg, info, ids, labels, features, precision, resume_state, best, on_event) -> dict:
+    from streams.config import CLOSED_FORM_HEADS
     from streams.features import FeatureDataset
     from streams.heads import build_head
-    from streams.logistic import CLOSED_FORM_HEADS
     from streams.losses import build_loss
 
     t = cfg.train

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from streams.heads import StatsPoolHead, masked_statistics
+from streams.heads import STD_FLOOR, StatsPoolHead, masked_statistics
 
 if TYPE_CHECKING:
     from streams.rundir import RunDir
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_STD_FLOOR = 1e-3  # as StatsPoolHead's data-dependent initialisation: constant statistics get a bounded gain
-CLOSED_FORM_HEADS = ("logistic",)  # heads whose stage 1 is `fit_closed_form`, not the SGD stage loop
 
 
 class LogisticHead(StatsPoolHead):
@@ -68,7 +66,7 @@ def fit_logistic(head: LogisticHead, features: torch.Tensor, labels: np.ndarray,
         raise ValueError("the logistic head needs training videos of both classes")
     stats = masked_statistics(features.double()).numpy()  # (N, 4D)
     mean, std = stats.mean(axis=0), stats.std(axis=0)
-    log_scale = -np.log(std + _STD_FLOOR)
+    log_scale = -np.log(std + STD_FLOOR)
     z = (stats - mean) * np.exp(log_scale)
     lr = LogisticRegression(C=c, class_weight="balanced", max_iter=10_000).fit(z, labels)
     head.shift.copy_(torch.as_tensor(mean))
@@ -102,7 +100,7 @@ def fit_closed_form(
     `model` is the head, or the head under DDP (every process fits the same one). Returns what
     `streams.train.fit_stage` returns.
     """
-    from streams.train import _finite, _unwrap, evaluate, rng_state
+    from streams.train import STAGE_NAMES, _finite, _unwrap, evaluate, rng_state
 
     head = _unwrap(model)
     start = time.perf_counter()
@@ -114,7 +112,7 @@ def fit_closed_form(
         train_logits = head(features.to(device)).float().cpu()
         train_loss = float(loss_fn(train_logits, torch.as_tensor(labels, dtype=torch.float32)))
     best = {"value": metrics[metric], "epoch": 0, "stage": 1}
-    record = {"stage": "head", "epoch": 0, "lr": 0.0, "train_loss": train_loss,
+    record = {"stage": STAGE_NAMES[1], "epoch": 0, "lr": 0.0, "train_loss": train_loss,
               **{f"val_{k}": v for k, v in metrics.items()}, "clips_per_s": len(labels) / max(seconds, 1e-9),
               "seconds": seconds, "best": True, "step": 1, "time": time.time()}
     if run is not None:

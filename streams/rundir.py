@@ -34,7 +34,7 @@ import torch
 
 from data.augment import AugmentConfig
 from streams.checkpoint import load_checkpoint, save_checkpoint
-from streams.config import LossConfig, ModelConfig, OptimConfig
+from streams.config import CLOSED_FORM_HEADS, LossConfig, ModelConfig, OptimConfig
 from streams.train import TrainConfig
 
 try:
@@ -63,9 +63,9 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # stage 2 clips and cached feature views
 
     def __post_init__(self) -> None:
-        if self.model.head == "logistic" and self.train.stage == "finetune":
-            raise ValueError("the logistic head is fitted in closed form on cached features (stage 1): use "
-                             "stage = head or both, not finetune")
+        if self.model.head in CLOSED_FORM_HEADS and self.train.stage == "finetune":
+            raise ValueError(f"the {self.model.head} head is fitted in closed form on cached features (stage 1): "
+                             "use stage = head or both, not finetune")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: getattr(self, name).to_dict() for name in SECTIONS}

@@ -16,13 +16,7 @@ N, T = 2, 3
 BACKBONES = {"vgg19": 64, "resnet50": 64, "efficientnet_b4": 64, "vit_b_16": 32}  # name -> test frame size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: extra intra-op threads only spin against each other on shared cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
