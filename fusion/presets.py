@@ -5,8 +5,9 @@ from a few dozen real clips without pretrained weights: 128 px frames (at 64 px 
 the SCFD clips, 0.16 px per frame, is below the store's 0.25 px flow step), Farneback flow
 (~800 pairs/s there on two cores; TV-L1 ~5), 16 steps of 2-field flow stacks cut at 64 px, and
 the training-free `hoghof` encoder (`streams.hoghof`: HOF and motion statistics for flow; for RGB,
-descriptors of the change between consecutive steps, TSN's RGB-difference modality, since single
-frames' appearance tells the scenes apart, not fight from no fight): a randomly initialised CNN's
+how each step's brightness change splits over temporal frequencies plus statistics of the change
+from the step before, TSN's RGB-difference modality, since single frames' appearance tells the
+scenes apart, not fight from no fight): a randomly initialised CNN's
 features carry next to nothing, and there is nothing to train it on. The head is the
 closed-form `logistic` one (`streams.logistic`): L2 logistic regression (C = 0.1) on each clip's
 pooled statistics of those descriptors, fitted to its optimum on the plain view, so one cached

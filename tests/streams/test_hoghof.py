@@ -13,12 +13,13 @@ from streams.hoghof import (
     CHANGE_STATS,
     GREY_LEVEL,
     MOTION_STATS,
+    TEMPORAL_BANDS,
     HogHof,
     frame_difference_features,
-    gradient_histograms,
     hof_features,
     oriented_histograms,
     step_differences,
+    temporal_bands,
 )
 from streams.model import build_stream_model
 
@@ -27,9 +28,8 @@ HOF, CELLS = 8, GRID * GRID  # global orientation bins, sorted cell magnitudes
 MAG_HIST = HOF + CELLS  # first of the 9 magnitude-histogram bins
 STATS = MAG_HIST + 9  # mean, std, max, p90, std dx, std dy, |div|, |curl|, change
 FLOW_DIM = HOF + CELLS + MOTION_STATS
-CHANGE_HIST = 9 + CELLS  # first of the 7 |difference| bins of the RGB change descriptor
-MEAN_CHANGE, MEAN_ACCEL, SPEED, ABRUPT, LIGHTING = (CHANGE_HIST + 7 + i for i in (0, 3, 4, 5, 6))
-RGB_DIM = 9 + CELLS + CHANGE_STATS
+MEAN_CHANGE, MEAN_ACCEL, SPEED, ABRUPT, LIGHTING = (TEMPORAL_BANDS + i for i in (0, 3, 4, 5, 6))
+RGB_DIM = TEMPORAL_BANDS + CHANGE_STATS
 
 
 def _uniform_flow(n: int, fields: int, dx: float, dy: float, side: int = 16) -> torch.Tensor:
@@ -143,27 +143,46 @@ class TestHof:
             hof_features(torch.zeros(1, 3, 8, 8))
 
 
-class TestGradientHistograms:
-    @pytest.mark.parametrize("k", [0, 2, 6])
-    def test_a_ramp_puts_its_gradient_into_its_orientation_bin(self, k):
-        hog = gradient_histograms(_ramp((k + 0.5) * math.pi / 9).mean(dim=1), GRID, 9)[0][0]
-        assert int(hog.argmax()) == k
-        # Border pixels (replicated edges) tilt slightly and L2-Hys clipping lifts their share, but
-        # no vote reaches beyond the two neighbouring bins.
-        far = [b for b in range(9) if min(abs(b - k), 9 - abs(b - k)) > 1]
-        assert hog[far].abs().sum() == 0
+def _waves(cycles: float, steps: int = 16, amplitude: float = 20 * GREY_LEVEL) -> torch.Tensor:
+    """(1, steps, 4, 4) grey clip: half the pixels follow a cosine of `cycles` per clip, half its sine.
 
-    def test_histograms_and_layout_ignore_brightness_and_contrast(self):
-        gray = torch.rand(2, 16, 16)
-        plain, brighter = gradient_histograms(gray, GRID, 9), gradient_histograms(2.5 * gray + 0.7, GRID, 9)
-        assert plain[0].shape == (2, 9) and plain[1].shape == (2, CELLS)
-        torch.testing.assert_close(brighter[0], plain[0])
-        torch.testing.assert_close(brighter[1], plain[1])
+    Their mean square is the same at every step, so every step has the same band energies.
+    """
+    phase = 2 * math.pi * cycles * torch.arange(steps, dtype=torch.float32) / steps
+    wave = torch.stack([torch.cos(phase), torch.sin(phase)], dim=1)  # (T, 2)
+    return 0.5 + amplitude * wave.repeat_interleave(8, dim=1).view(1, steps, 4, 4)
 
-    def test_layout_shares_sum_to_one_and_come_sorted(self):
-        layout = gradient_histograms(torch.rand(3, 16, 16), GRID, 9)[1]
-        torch.testing.assert_close(layout.sum(dim=1), torch.ones(3))
-        assert (layout[:, :-1] >= layout[:, 1:]).all()
+
+class TestTemporalBands:
+    @pytest.mark.parametrize("cycles, band", [(1, 0), (2, 0), (3, 1), (4, 1), (5, 2), (6, 2), (7, 3)])
+    def test_a_wave_puts_its_energy_into_the_band_of_its_frequency(self, cycles, band):
+        shares = temporal_bands(_waves(cycles)).exp()  # (1, 16, 4)
+        assert shares.shape == (1, 16, TEMPORAL_BANDS)
+        others = [k for k in range(TEMPORAL_BANDS) if k != band]
+        assert (shares[0, :, band] > 0.999).all() and (shares[0][:, others] < 1e-3).all()
+
+    def test_shares_of_every_step_add_up_to_one_and_a_still_clip_has_equal_ones(self):
+        torch.testing.assert_close(temporal_bands(torch.randn(2, 12, 8, 8)).exp().sum(dim=2), torch.ones(2, 12))
+        still = temporal_bands(torch.rand(1, 1, 8, 8).expand(2, 6, 8, 8))
+        torch.testing.assert_close(still, torch.full((2, 6, TEMPORAL_BANDS), math.log(1 / TEMPORAL_BANDS)))
+
+    def test_slow_drift_sits_low_and_abrupt_flicker_high(self):
+        drift = temporal_bands(0.5 + torch.linspace(0, 1, 16)[None, :, None, None].expand(1, 16, 4, 4))
+        flicker = temporal_bands(0.5 + torch.tensor([1.0, -1.0] * 8)[None, :, None, None].expand(1, 16, 4, 4))
+        assert (drift[0, :, 0].mean() > drift[0, :, 3].mean() + 2) and (flicker[0, :, 3] > math.log(0.999)).all()
+
+    def test_brightness_and_contrast_leave_the_shares_alone(self):
+        clip = torch.rand(2, 10, 8, 8)
+        torch.testing.assert_close(temporal_bands(3 * clip + 0.7), temporal_bands(3 * clip), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(temporal_bands(3 * clip), temporal_bands(clip), atol=1e-3, rtol=1e-3)
+
+    def test_a_band_with_no_frequency_in_a_short_clip_holds_the_floor(self):
+        shares = temporal_bands(_waves(1, steps=4)).exp()  # bins of 1/4 and 2/4 cycles per step: bands 1 and 3
+        assert (shares[0, :, [0, 2]] < 1e-4).all() and (shares[0, :, 1] > 0.999).all()
+
+    def test_bad_shapes_are_refused(self):
+        with pytest.raises(ValueError, match="N, T, H, W"):
+            temporal_bands(torch.rand(4, 8, 8))
 
 
 def _moving_square(steps: int, speed: int, at: int = 2, side: int = 24) -> torch.Tensor:
@@ -198,13 +217,12 @@ class TestFrameDifference:
     def test_a_still_clip_has_no_change(self):
         feats = frame_difference_features(torch.rand(1, 1, 3, 16, 16).expand(2, 4, 3, 16, 16))
         assert feats.shape == (2, 4, RGB_DIM)
-        torch.testing.assert_close(feats[..., CHANGE_HIST:CHANGE_HIST + 7], torch.eye(7)[[0] * 8].view(2, 4, 7))
-        assert feats[..., CHANGE_HIST + 7:].abs().sum() == 0  # statistics, speed and lighting vanish
+        torch.testing.assert_close(feats[..., :TEMPORAL_BANDS], torch.full((2, 4, TEMPORAL_BANDS), math.log(0.25)))
+        assert feats[..., TEMPORAL_BANDS:].abs().sum() == 0  # statistics, speed and lighting vanish
 
     def test_faster_motion_changes_more_of_the_frame(self):
         slow, fast = frame_difference_features(_moving_square(3, 1)), frame_difference_features(_moving_square(3, 3))
         assert fast[0, 1, MEAN_CHANGE] > slow[0, 1, MEAN_CHANGE] > 0
-        assert fast[0, 1, CHANGE_HIST] < slow[0, 1, CHANGE_HIST]  # fewer pixels left unchanged
 
     def test_a_texture_moving_one_pixel_per_step_has_normal_speed_one(self):
         ramp = torch.arange(32.0) * 3 * GREY_LEVEL  # 3 grey levels per pixel along x
