@@ -7,9 +7,9 @@ all but hoghof's RGB encoder do it frame by frame, (N, C, H, W) -> (N, D) (`forw
     resnet50         global-average-pooled last stage                         D = 2048
     efficientnet_b4  global-average-pooled last stage                         D = 1792
     vit_b_16         class token after the final LayerNorm                    D = 768
-    hoghof           training-free frame-change (RGB) / HOF + motion statistics  D = 39 / 45
-                     (flow) on a 4x4 grid (`streams.hoghof`); no weights; its RGB
-                     features describe change between steps, so it takes clips
+    hoghof           training-free change (RGB) / HOF + motion statistics     D = 11 / 45
+                     (flow, on a 4x4 grid) (`streams.hoghof`); no weights; its RGB
+                     features describe change over the clip, so it takes clips
 
 The CNNs take any input of at least 32x32. The ViT takes exactly `image_size` x `image_size`
 (224 by default, the size its ImageNet weights were trained at; other sizes get the position

@@ -24,17 +24,18 @@ the temporal head learns on its per-step vectors exactly as on CNN features:
   difference| (how abruptly the change itself changes) and its ratio to mean |d|; a normal-speed
   estimate mean |d| / mean |grad| (px per step, by brightness constancy); the signed mean of d
   (lighting). The shape of what changed (a HOG of d, its layout on the grid, a histogram of |d|)
-  was left out in version 3: in a linear probe on the 60 SCFD clips (group 5-fold, 10 repeats)
-  those 32 extra dimensions made the ranking worse (ROC-AUC 0.79 against 0.84 without them), and
-  their signal is the flow stream's.
+  was left out from version 3 on: in a linear probe on the 60 SCFD clips (group 5-fold, 10
+  repeats) those 32 extra dimensions made the ranking worse (ROC-AUC 0.79 against 0.84 without
+  them), and their signal is the flow stream's.
   A single frame's appearance (its HOG, colours) is left out too: the same scenes hold fights and
   no fights, and a head that sees a dozen scenes learns the scenes from it, not the action.
   Differences are taken between the clip's consecutive steps (about (n - 1) / (T - 1) frames
   apart, like TDN's cross-segment differences, Wang et al. 2021): the clips stay one frame per
   step for every consumer, and at 64 px the change between adjacent frames is mostly JPEG noise
   (the SCFD clips move 0.16 px per frame on average). So RGB features need the whole clip:
-  `HogHof.forward_clips`. A step that repeats the frame before it (edge padding of short videos,
-  temporal dropout) carries the last real difference instead of a frozen picture.
+  `HogHof.forward_clips`. In the difference statistics, a step that repeats the frame before it
+  (edge padding of short videos, temporal dropout) carries the last real difference instead of a
+  frozen picture.
 
 Nothing depends on where in the frame things happen: cells enter sorted, so the descriptors are
 unchanged when the action moves (up to cell boundaries). A classifier that sees a dozen scenes
@@ -53,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-VERSION = 3  # of the descriptors; bump on any change, so features cached by another version are recomputed
+VERSION = 4  # of the descriptors; bump on any change, so features cached by another version are recomputed
 MOTION_STATS = 21  # global statistics after the HOF cells: 9 magnitude bins + 12 scalars
 TEMPORAL_BANDS = 4  # equal bands of (0, 0.5] cycles per step that an RGB step's change is split over
 CHANGE_STATS = 7  # scalar statistics of an RGB step's frame difference, after its band shares
@@ -162,35 +163,46 @@ def step_differences(gray: torch.Tensor) -> torch.Tensor:
 def temporal_bands(gray: torch.Tensor, bands: int = TEMPORAL_BANDS, floor: float = 0.1 * GREY_LEVEL) -> torch.Tensor:
     """How each step's brightness change splits over temporal frequencies: log shares per band.
 
-    Every pixel's grey level over the clip's steps, less its mean, is split by its Fourier
-    transform into `bands` equal bands of (0, 0.5] cycles per step; a step's energy in a band is
-    the mean over pixels of that band's component squared at the step (the bands' energies over
-    all steps add up to the clip's temporal variance, Parseval). The shares are log((e_k + f^2) /
-    (sum e + bands f^2)) with `floor` f (0.1 grey level): a still clip gets equal shares, and a
-    band holding no frequency (clips of fewer than 2 x `bands` steps) gets the floor.
+    Every pixel's grey level over the clip's steps is split by its Fourier transform into `bands`
+    equal bands of (0, 0.5] cycles per step (bin j of T lies in band k iff k / 2B < j / T <=
+    (k + 1) / 2B; the mean, bin 0, in none). A step's energy in a band is the mean over pixels of
+    the squared envelope of that band's component there: the magnitude of its analytic signal,
+    so a steady wave has the same energy at every step whatever its phase, and the mean over
+    steps is the band's share of the clip's temporal variance (Parseval). The shares are
+    log((e_k + f^2) / (sum e + bands f^2)) with `floor` f (0.1 grey level): a still clip gets
+    equal shares, and a band holding no frequency (clips of fewer than 2 x `bands` steps) gets
+    the floor. Repeated steps (edge padding of short videos, temporal dropout) count as frozen
+    picture here, unlike in `step_differences`.
 
     Slow change (lighting, people walking by) sits in the low bands, abrupt change (blows, falls,
     a scuffle's flicker of limbs) spreads into the high ones: the spatio-temporal energy of Adelson
     & Bergen (1985), reduced to its temporal axis. Frequencies are per step, not per second: the
     clip's steps set the time base, as for every other descriptor here.
 
-    Shape: (N, T, H, W) -> (N, T, bands).
+    Shape: (N, T, H, W) -> (N, T, bands), in the input's dtype (computed in float32 or float64).
     """
     if gray.ndim != 4:
         raise ValueError(f"grey clips must be (N, T, H, W), got {tuple(gray.shape)}")
     if bands < 1:
         raise ValueError(f"bands must be >= 1, got {bands}")
-    t = gray.shape[1]
-    spectrum = torch.fft.rfft(gray - gray.mean(dim=1, keepdim=True), dim=1)  # (N, F, H, W)
-    freqs = torch.fft.rfftfreq(t, device=gray.device)  # cycles per step, (F,)
-    band_of = torch.ceil(freqs * 2 * bands).long() - 1  # bin j/T in band k iff k/2B < j/T <= (k+1)/2B; DC -> -1
+    n, t = gray.shape[:2]
+    if n == 0:
+        return gray.new_zeros(0, t, bands)
+    work = gray if gray.dtype == torch.float64 else gray.float()
+    spectrum = torch.fft.rfft(work, dim=1)  # (N, F, H, W), F = T // 2 + 1
+    bins = torch.arange(spectrum.shape[1], device=gray.device)
+    band_of = (2 * bands * bins + t - 1) // t - 1  # ceil(2B j / T) - 1 in integers: bin 0 -> -1
+    # Analytic signal: positive frequencies doubled in power, the Nyquist bin (even T) kept once.
+    weight = torch.where(2 * bins == t, 1.0, math.sqrt(2.0)).to(work.dtype)
+    one_sided = torch.zeros(n, t, *gray.shape[2:], dtype=spectrum.dtype, device=gray.device)
     energies = []
     for k in range(bands):
-        keep = (band_of == k).to(spectrum.dtype)[None, :, None, None]
-        part = torch.fft.irfft(spectrum * keep, n=t, dim=1)  # (N, T, H, W)
-        energies.append(part.square().flatten(2).mean(dim=2))  # (N, T)
+        keep = torch.where(band_of == k, weight, 0.0)[None, :, None, None]
+        one_sided[:, : spectrum.shape[1]] = spectrum * keep
+        envelope = torch.fft.ifft(one_sided, dim=1)  # (N, T, H, W) complex
+        energies.append(envelope.abs().square().flatten(2).mean(dim=2))  # (N, T)
     energy = torch.stack(energies, dim=2) + floor * floor  # (N, T, bands)
-    return torch.log(energy / energy.sum(dim=2, keepdim=True))
+    return torch.log(energy / energy.sum(dim=2, keepdim=True)).to(gray.dtype)
 
 
 def frame_difference_features(clips: torch.Tensor, unit: float = GREY_LEVEL) -> torch.Tensor:
@@ -204,6 +216,8 @@ def frame_difference_features(clips: torch.Tensor, unit: float = GREY_LEVEL) -> 
     if clips.ndim != 5:
         raise ValueError(f"clips must be (N, T, C, H, W), got {tuple(clips.shape)}")
     n, t = clips.shape[:2]
+    if n == 0:
+        return clips.new_zeros(0, t, TEMPORAL_BANDS + CHANGE_STATS, dtype=torch.float32)
     gray = clips.float().mean(dim=2)  # (N, T, H, W)
     bands = temporal_bands(gray).flatten(0, 1)  # (N*T, TEMPORAL_BANDS)
     diff = step_differences(gray)  # (N, T, H, W): first temporal derivative
@@ -222,7 +236,7 @@ def frame_difference_features(clips: torch.Tensor, unit: float = GREY_LEVEL) -> 
     lighting = torch.asinh(flat_diff.flatten(1).mean(dim=1) / unit)  # signed global brightness change
     out = torch.cat([bands, torch.log1p(scalars), torch.log1p(normal_speed)[:, None],
                      abruptness[:, None], lighting[:, None]], dim=1)
-    return out.view(n, t, out.shape[-1])  # also for N = 0
+    return out.view(n, t, out.shape[-1])
 
 
 class HogHof(nn.Module):

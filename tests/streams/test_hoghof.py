@@ -180,6 +180,33 @@ class TestTemporalBands:
         shares = temporal_bands(_waves(1, steps=4)).exp()  # bins of 1/4 and 2/4 cycles per step: bands 1 and 3
         assert (shares[0, :, [0, 2]] < 1e-4).all() and (shares[0, :, 1] > 0.999).all()
 
+    @pytest.mark.parametrize("steps, cycles, band", [
+        (15, 2, 1), (15, 7, 3),  # odd T: 2/15 lies just above the first edge, 7/15 in the last band
+        (12, 3, 1), (56, 21, 2), (56, 7, 0),  # bins exactly on an edge (1/4, 3/8, 1/8) stay in the lower band
+        (16, 8, 3),  # the Nyquist bin of an even T
+    ])
+    def test_band_edges_hold_for_any_clip_length(self, steps, cycles, band):
+        shares = temporal_bands(_waves(cycles, steps=steps)).exp()
+        assert (shares[0, :, band] > 0.999).all()
+
+    def test_a_steady_mix_of_waves_has_the_same_shares_at_every_step_whatever_their_phase(self):
+        phase = 2 * math.pi * torch.arange(16.0) / 16
+        mix = 0.5 + 20 * GREY_LEVEL * (torch.cos(2 * phase) + torch.cos(6 * phase + 1.0))  # bands 0 and 2
+        shares = temporal_bands(mix[None, :, None, None].expand(1, 16, 2, 2)).exp()
+        torch.testing.assert_close(shares[0, :, [0, 2]], torch.full((16, 2), 0.5), atol=1e-4, rtol=0)
+
+    def test_empty_batches_short_clips_and_half_precision(self):
+        assert temporal_bands(torch.rand(0, 6, 4, 4)).shape == (0, 6, TEMPORAL_BANDS)
+        assert frame_difference_features(torch.rand(0, 6, 3, 4, 4)).shape == (0, 6, RGB_DIM)
+        one = temporal_bands(torch.rand(2, 1, 4, 4)).exp()  # no frequency at all: equal shares
+        torch.testing.assert_close(one, torch.full((2, 1, TEMPORAL_BANDS), 1 / TEMPORAL_BANDS))
+        two = temporal_bands(0.5 + torch.tensor([1.0, -1.0])[None, :, None, None].expand(1, 2, 4, 4)).exp()
+        assert (two[0, :, 3] > 0.999).all()  # only the Nyquist bin, in the last band
+        clip = torch.rand(1, 8, 4, 4)
+        half = temporal_bands(clip.to(torch.bfloat16))
+        assert half.dtype == torch.bfloat16
+        torch.testing.assert_close(half.float(), temporal_bands(clip.to(torch.bfloat16).float()), atol=0.05, rtol=0.01)
+
     def test_bad_shapes_are_refused(self):
         with pytest.raises(ValueError, match="N, T, H, W"):
             temporal_bands(torch.rand(4, 8, 8))
