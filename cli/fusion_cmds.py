@@ -177,13 +177,16 @@ def predict(
     and the command then exits 2.
     """
     from data.video import VideoReadError
-    from fusion.predict import Scorer, output_names, write_outputs
+    from fusion.predict import Scorer, output_names, window_mismatch, write_outputs
     from fusion.tta import check_tta
 
     check_tta(tta)
     if window <= 0 or stride <= 0:
         raise ValueError(f"--window and --stride must be positive seconds, got {window} and {stride}")
     scorer = Scorer(model, tta, device)
+    mismatch = window_mismatch(window, scorer.clip_seconds)
+    if mismatch:
+        err.print(f"[yellow]warning:[/] {mismatch}", soft_wrap=True)
     dest = out_dir or model / "predict"
     rows, failed = [], 0
     for path, name in zip(videos, output_names(videos), strict=True):

@@ -114,6 +114,7 @@ def _store_settings(store_path: Path) -> dict:
             raise ValueError(f"{store_path} holds no videos")
         attrs = s.attrs(s.video_ids[0])
         root = s.root_attrs
+        seconds = [video_seconds(s.attrs(v)) for v in s.video_ids]
     params = {k[len("flow_param_"):]: v for k, v in attrs.items() if k.startswith("flow_param_")}
     return {
         "sampling": Sampling.from_attrs(attrs, prefix="sampling_"),
@@ -123,7 +124,30 @@ def _store_settings(store_path: Path) -> dict:
         "codec": attrs.get("flow_codec", "float16"),
         "rgb_codec": attrs.get("rgb_codec", "raw"),  # stores written before the attr hold raw frames
         "bound": float(attrs.get("flow_bound", root.get("flow_bound", 20.0))),
+        "clip_seconds": float(np.median(known)) if (known := [x for x in seconds if x is not None]) else None,
     }
+
+
+def video_seconds(attrs: dict) -> float | None:
+    """How long a stored video lasts in its source, from its attrs; None when they do not say."""
+    frames, fps = attrs.get("decoded_frames"), attrs.get("source_fps")
+    if frames is None or fps is None or not float(fps) > 0:
+        return None
+    return float(frames) / float(fps)
+
+
+def window_mismatch(window: float, clip_seconds: float | None, tolerance: float = 1.5) -> str | None:
+    """A warning when windows are much longer or shorter than the clips the models learned from.
+
+    A clip's T steps are spread over the whole training video but over one window here, so a
+    window of another length changes the time between steps, and with it every descriptor of
+    change between steps (most of all `hoghof`'s temporal bands, whose frequencies are per step).
+    """
+    if clip_seconds is None or clip_seconds <= 0 or max(window / clip_seconds, clip_seconds / window) <= tolerance:
+        return None
+    return (f"the models learned from clips of {clip_seconds:.1f} s (median of the run's store) and "
+            f"these windows last {window:.1f} s, so their steps lie {clip_seconds / window:.2g}x as far "
+            f"apart in time; --window {clip_seconds:.1f} matches the training clips")
 
 
 class Scorer:
@@ -163,6 +187,7 @@ class Scorer:
         self.window_frames = sampling.frames
         self.sampling = Sampling(fps=sampling.fps, size=sampling.size, short_side=sampling.short_side)
         self.codec, self.bound, self.rgb_codec = settings["codec"], settings["bound"], settings["rgb_codec"]
+        self.clip_seconds: float | None = settings["clip_seconds"]  # median training video length
         backend = settings["backend"] if self.device.type == "cpu" else "auto"
         self.flow = FlowEstimator(settings["method"], backend, self.device, **settings["params"])
 

@@ -141,3 +141,14 @@ def test_predict_all_good_exits_zero(tmp_path, trained_run):
     res = _run("predict", video, "--model", run, "--window", "1.0", "--stride", "0.5", "--device", "cpu")
     assert res.exit_code == 0, res.output
     assert (run / "predict" / "a.json").is_file()
+
+
+def test_predict_warns_when_windows_are_far_from_the_training_clip_length(tmp_path, trained_run):
+    video = moving_square_video(tmp_path / "a.avi", 2.5)
+    far = _run("predict", video, "--model", trained_run, "--out", tmp_path / "far", "--device", "cpu")
+    assert far.exit_code == 0, far.output
+    assert "warning:" in far.output and "--window 0.6" in far.output  # trained on 0.6 s clips, default 2 s windows
+    near = _run("predict", video, "--model", trained_run, "--window", "0.6", "--stride", "0.3",
+                "--out", tmp_path / "near", "--device", "cpu")
+    assert near.exit_code == 0, near.output
+    assert "warning:" not in near.output

@@ -9,7 +9,7 @@ from data.sampling import Sampling
 from data.store import StoreWriter
 from data.synthetic import write_video
 from flow.api import FlowEstimator
-from fusion.predict import Scorer, window_starts, write_outputs
+from fusion.predict import Scorer, video_seconds, window_mismatch, window_starts, write_outputs
 from streams.rundir import RunDir, build_model, resolve_run_config
 
 SIDE = 32
@@ -38,7 +38,7 @@ def build_run(root: Path) -> Path:
             rgb = rng.integers(0, 255, (6, SIDE, SIDE, 3), dtype=np.uint8)
             flow = est(rgb[:-1], rgb[1:])
             attrs = dict(label=i % 2, group=f"g{i}", split="val", source_path=f"/v{i}.mp4",
-                         source_fps=float(FPS), source_size=[SIDE, SIDE],
+                         source_fps=float(FPS), decoded_frames=6, source_size=[SIDE, SIDE],
                          **{f"sampling_{k}": v for k, v in Sampling(size=SIDE).to_attrs().items()}, **est.describe())
             w.write(f"v{i}", rgb, flow, attrs)
     cfg = resolve_run_config(None, {"train": {"steps": 3, "stage": "head", "seed": 5},
@@ -157,3 +157,21 @@ def test_broken_video(tmp_path, scorer):
     with pytest.raises(VideoReadError):
         scorer.score(bad)
 
+
+
+def test_the_scorer_knows_how_long_the_training_clips_were(scorer):
+    assert scorer.clip_seconds == pytest.approx(6 / FPS)  # 6 decoded frames at 10 fps
+
+
+def test_seconds_come_from_decoded_frames_and_source_fps():
+    assert video_seconds({"decoded_frames": 75, "source_fps": 25.0}) == 3.0
+    assert video_seconds({"decoded_frames": 75}) is None and video_seconds({"decoded_frames": 7, "source_fps": 0}) is None
+
+
+@pytest.mark.parametrize("window, clip, warned", [(2.0, 2.0, False), (2.0, 2.9, False), (2.0, 5.0, True),
+                                                  (5.0, 2.0, True), (2.0, None, False)])
+def test_windows_far_from_the_training_clip_length_are_flagged(window, clip, warned):
+    message = window_mismatch(window, clip)
+    assert (message is not None) == warned
+    if warned:
+        assert f"--window {clip:.1f}" in message
