@@ -146,8 +146,8 @@ def window_mismatch(window: float, clip_seconds: float | None, tolerance: float 
     if clip_seconds is None or clip_seconds <= 0 or max(window / clip_seconds, clip_seconds / window) <= tolerance:
         return None
     return (f"the models learned from clips of {clip_seconds:.1f} s (median of the run's store) and "
-            f"these windows last {window:.1f} s, so their steps lie {clip_seconds / window:.2g}x as far "
-            f"apart in time; --window {clip_seconds:.1f} matches the training clips")
+            f"these windows last {window:.1f} s, so their steps lie {window / clip_seconds:.2g}x as far "
+            f"apart in time as in training; --window {clip_seconds:.1f} matches the training clips")
 
 
 class Scorer:

@@ -174,4 +174,4 @@ def test_windows_far_from_the_training_clip_length_are_flagged(window, clip, war
     message = window_mismatch(window, clip)
     assert (message is not None) == warned
     if warned:
-        assert f"--window {clip:.1f}" in message
+        assert f"--window {clip:.1f}" in message and f"{window / clip:.2g}x as far apart" in message
