@@ -30,7 +30,13 @@ from pathlib import Path
 import numpy as np
 from scipy.special import expit, logit
 from sklearn.metrics import log_loss
-from sklearn.model_selection import BaseCrossValidator, LeaveOneOut, StratifiedKFold
+from sklearn.model_selection import (
+    BaseCrossValidator,
+    LeaveOneGroupOut,
+    LeaveOneOut,
+    StratifiedGroupKFold,
+    StratifiedKFold,
+)
 from sklearn.utils.class_weight import compute_sample_weight
 
 from fusion.metrics import compute_metrics
@@ -57,7 +63,7 @@ class FusionConfig:
     use_embeddings: bool = False  # add the streams' penultimate embeddings as features
     cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)  # inverse L2 strengths tried by CV
     default_c: float = 1.0  # inverse L2 strength when validation is too small for CV
-    cv_folds: int = 5  # stratified folds over the validation videos
+    cv_folds: int = 5  # stratified folds over the validation videos (whole recordings when groups are known)
     cv_min_per_class: int = 20  # CV only when the smaller class has at least this many videos
     tsn_weights: tuple[tuple[str, float], ...] = (("rgb", 1.0), ("flow", 1.5))  # TSN baseline
     seed: int = 0  # fold shuffling
@@ -99,6 +105,7 @@ class FusionModel:
     fallback_reason: str | None = None  # why no learned fusion is used
     c: float = 1.0  # inverse L2 strength of the logistic layer
     cv_folds: int = 0  # folds that chose `c` and scored the learned fusion; 0 = none (too small)
+    cv_by: str = "video"  # what those folds (and the small-set comparison) hold out: "video" or "recording"
     n_val: int = 0  # validation videos it was fitted on
     validation: dict = field(default_factory=dict)  # candidate -> validation metrics
 
@@ -282,9 +289,9 @@ def _fit_lr(x: np.ndarray, y: np.ndarray, c: float, prior: np.ndarray | None = N
 
 
 def _out_of_fold(x: np.ndarray, y: np.ndarray, c: float, folds: BaseCrossValidator,
-                 prior: np.ndarray | None = None) -> np.ndarray:
+                 prior: np.ndarray | None = None, groups: np.ndarray | None = None) -> np.ndarray:
     oof = np.empty(len(y))
-    for train, test in folds.split(x, y):
+    for train, test in folds.split(x, y, groups):
         w, b = _fit_lr(x[train], y[train], c, prior)
         oof[test] = x[test] @ w + b
     return oof
@@ -320,7 +327,7 @@ def _balanced_log_loss(y: np.ndarray, logits: np.ndarray) -> float:
 
 
 def _calibrate(scores: dict, logits: Mapping[str, np.ndarray], y: np.ndarray, c: float,
-               judge: BaseCrossValidator) -> None:
+               judge: BaseCrossValidator, groups: np.ndarray | None = None) -> None:
     """Add each candidate's "calibrated_log_loss": its logit through a one-feature layer, held out.
 
     Ties in the selection metric go to the lower log-loss, but the candidates' raw logits are not
@@ -328,7 +335,7 @@ def _calibrate(scores: dict, logits: Mapping[str, np.ndarray], y: np.ndarray, c:
     judged out of sample, makes it a nested comparison that pure noise in one stream cannot pass.
     """
     for name, z in logits.items():
-        alone = _out_of_fold(np.asarray(z, np.float64).reshape(-1, 1), y, c, judge)
+        alone = _out_of_fold(np.asarray(z, np.float64).reshape(-1, 1), y, c, judge, groups=groups)
         scores[name]["calibrated_log_loss"] = _balanced_log_loss(y, alone)
 
 
@@ -344,7 +351,7 @@ def _prior(features: tuple[str, ...]) -> np.ndarray:
 
 
 def _fixed_fusion(y: np.ndarray, logits: Mapping[str, np.ndarray], scores: dict, minority: int, cfg: FusionConfig,
-                  common: dict) -> FusionModel:
+                  common: dict, groups: np.ndarray | None) -> FusionModel:
     """Fusion for a validation set too small to fit weights: the equal-weight layer, or one stream.
 
     A logistic layer needs about ten videos of the rarer class per weight it fits (events per
@@ -361,7 +368,8 @@ def _fixed_fusion(y: np.ndarray, logits: Mapping[str, np.ndarray], scores: dict,
     scores["equal"] = _score(y, equal, cfg)
     candidates = {**logits, "equal": equal}
     if minority >= 2:
-        _calibrate(scores, candidates, y, cfg.default_c, LeaveOneOut())
+        judge = LeaveOneOut() if groups is None else LeaveOneGroupOut()
+        _calibrate(scores, candidates, y, cfg.default_c, judge, groups)
     chosen = max(candidates, key=lambda name: _rank_key(scores[name], cfg.select_metric))
     pick = scores[chosen]
     names = ", ".join(f"{st} alone" for st in streams)
@@ -381,12 +389,19 @@ def _fixed_fusion(y: np.ndarray, logits: Mapping[str, np.ndarray], scores: dict,
 
 
 def fit_fusion(
-    val_inputs: Mapping[str, Predictions], config: FusionConfig | None = None
+    val_inputs: Mapping[str, Predictions], config: FusionConfig | None = None,
+    groups: Mapping[str, str] | None = None,
 ) -> FusionModel:
     """Fit late fusion of the streams' validation predictions; fall back to one stream if better.
 
     Args:
         val_inputs: stream name -> its validation predictions (never test predictions).
+        groups: video id -> source recording. When given (and the validation videos come from at
+            least two recordings), every cross-validation inside the fit holds out whole
+            recordings, as the splits that made the predictions did: the strength `c`, the
+            learned layer's validation score and the calibrated log-losses then measure how
+            fusion carries over to recordings it was not fitted on, which is how it is used.
+            A video missing from `groups` is its own recording.
     """
     cfg = config or FusionConfig()
     if not val_inputs:
@@ -418,15 +433,25 @@ def fit_fusion(
     minority = min(n_pos, len(y) - n_pos)
     base = baselines(aligned, dict(cfg.tsn_weights))
     scores = {name: _score(y, p.logits, cfg) for name, p in base.items()}
-    common = dict(streams=streams, goal=cfg.goal, min_recall=cfg.min_recall, n_val=len(y), validation=scores)
+    g = None
+    if groups is not None:
+        g = np.array([str(groups.get(v, f"video:{v}")) for v in aligned[streams[0]].video_ids])
+        if len(np.unique(g)) < 2:
+            g = None  # one recording: nothing to hold out but videos
+    common = dict(streams=streams, goal=cfg.goal, min_recall=cfg.min_recall, n_val=len(y), validation=scores,
+                  cv_by="video" if g is None else "recording")
     if minority < cfg.cv_min_per_class:
-        return _fixed_fusion(y, logits, scores, minority, cfg, common)
+        return _fixed_fusion(y, logits, scores, minority, cfg, common, g)
 
     prior = _prior(features)
-    folds = StratifiedKFold(cfg.cv_folds, shuffle=True, random_state=cfg.seed)
+    if g is None:
+        folds = StratifiedKFold(cfg.cv_folds, shuffle=True, random_state=cfg.seed)
+    else:
+        folds = StratifiedGroupKFold(min(cfg.cv_folds, len(np.unique(g))), shuffle=True, random_state=cfg.seed)
+    n_folds = folds.get_n_splits()
     best = None
     for c in sorted(cfg.cs):  # ascending, so ties keep the stronger regularisation (closer to equal weights)
-        oof = _out_of_fold(x, y, c, folds, prior)
+        oof = _out_of_fold(x, y, c, folds, prior, g)
         loss = _balanced_log_loss(y, oof)
         logger.debug("fusion C=%g: out-of-fold balanced log-loss %.4f", c, loss)
         if best is None or loss < best[0] - 1e-12:
@@ -434,11 +459,11 @@ def fit_fusion(
     _, c, learned_val = best
     w, b = _fit_lr(x, y, c, prior)
     scores["learned"] = _score(y, learned_val, cfg)
-    _calibrate(scores, {s: logits[s] for s in streams}, y, c, folds)
+    _calibrate(scores, {s: logits[s] for s in streams}, y, c, folds, g)
     scores["learned"]["calibrated_log_loss"] = _balanced_log_loss(y, learned_val)
     best_single = max(streams, key=lambda s: _rank_key(scores[s], cfg.select_metric))
     learned, single = scores["learned"], scores[best_single]
-    common.update(c=float(c), cv_folds=cfg.cv_folds)
+    common.update(c=float(c), cv_folds=n_folds)
     if _rank_key(learned, cfg.select_metric) < _rank_key(single, cfg.select_metric):
         reason = (
             f"learned fusion (out-of-fold) scored validation {cfg.select_metric} {learned[cfg.select_metric]:.4f}, "

@@ -263,6 +263,25 @@ class FusionOutcome:
         return getattr(self.model, "fallback_reason", None)
 
 
+def run_groups(run_dir: str | Path) -> dict[str, str] | None:
+    """Video id -> source recording in the store a run was trained on; None when the run or store does not say.
+
+    A video without a recorded group is its own recording.
+    """
+    from data.store import Store
+    from streams.rundir import RunDir
+
+    try:
+        _, info = RunDir(Path(run_dir), STREAMS[0]).read_config()
+    except FileNotFoundError:
+        return None
+    store = Path(info.get("store", ""))
+    if not store.is_file() and not store.with_name(store.name + ".parts").is_dir():
+        return None
+    with Store(store) as s:
+        return {v: str(s.attrs(v).get("group") or v) for v in s.video_ids}
+
+
 def fit_run(
     run_dirs: Sequence[str | Path] | str | Path,
     tta: int = 1,
@@ -300,7 +319,7 @@ def fit_run(
             if test_set is not None:
                 test = {s: test_set[s] for s in STREAMS}
         _check_val(val)
-        model = fit_fusion(val, cfg)
+        model = fit_fusion(val, cfg, run_groups(runs[0]))
         path = save_fusion(model, Path(out) if out else runs[0] / "fusion.json")
 
         def fused(inputs):

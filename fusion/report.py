@@ -169,6 +169,7 @@ def _fusion_markdown(fusion: Mapping) -> list[str]:
         lines.append(
             f"- Inverse L2 strength C = {_fmt(fusion.get('c'))}; cross-validation folds: "
             f"{fusion.get('cv_folds') or 'none (validation too small)'}"
+            + (f", holding out whole {fusion.get('cv_by')}s" if fusion.get("cv_folds") and fusion.get("cv_by") else "")
         )
         rows = list(zip(fusion["features"], fusion["weights"], strict=True)) + [
             ("bias", fusion.get("bias"))

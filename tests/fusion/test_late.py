@@ -303,3 +303,62 @@ class TestErrors:
     def test_bad_config(self, kwargs, match):
         with pytest.raises(ValueError, match=match):
             FusionConfig(**kwargs)
+
+
+class TestRecordingFolds:
+    """With the recordings known, every cross-validation inside the fit holds out whole recordings."""
+
+    @staticmethod
+    def _spy(monkeypatch):
+        import fusion.late as late
+
+        splits, real = [], late._out_of_fold
+
+        def spy(x, y, c, folds, prior=None, groups=None):
+            splits.append([(train, test, groups) for train, test in folds.split(x, y, groups)])
+            return real(x, y, c, folds, prior, groups)
+
+        monkeypatch.setattr(late, "_out_of_fold", spy)
+        return splits
+
+    @staticmethod
+    def _no_recording_on_both_sides(splits):
+        for split in splits:
+            for train, test, groups in split:
+                assert groups is not None and not set(groups[train]) & set(groups[test])
+
+    def test_learned_fusion_folds_hold_out_recordings(self, monkeypatch):
+        splits = self._spy(monkeypatch)
+        val = _logistic_streams(400, seed=4)
+        groups = {v: f"rec{i % 7}" for i, v in enumerate(val["rgb"].video_ids)}
+        model = fit_fusion(val, groups=groups)
+        assert model.method in ("learned", "single") and model.cv_by == "recording" and model.cv_folds == 5
+        assert splits
+        self._no_recording_on_both_sides(splits)
+
+    def test_fewer_recordings_than_folds_give_one_fold_per_recording(self):
+        val = _logistic_streams(300, seed=5)
+        model = fit_fusion(val, groups={v: f"rec{i % 3}" for i, v in enumerate(val["rgb"].video_ids)})
+        assert model.cv_by == "recording" and model.cv_folds == 3
+
+    def test_small_validation_compares_candidates_leaving_one_recording_out(self, monkeypatch):
+        splits = self._spy(monkeypatch)
+        val = _logistic_streams(40, seed=6)
+        groups = {v: f"rec{i % 6}" for i, v in enumerate(val["rgb"].video_ids)}
+        model = fit_fusion(val, groups=groups)
+        assert model.cv_folds == 0 and model.cv_by == "recording"
+        assert splits and all(len(split) == 6 for split in splits)  # one held-out recording per split
+        self._no_recording_on_both_sides(splits)
+
+    def test_without_recordings_or_with_one_the_folds_hold_out_videos(self):
+        val = _logistic_streams(400, seed=4)
+        assert fit_fusion(val).cv_by == "video"
+        assert fit_fusion(val, groups={v: "one" for v in val["rgb"].video_ids}).cv_by == "video"
+
+    def test_older_fusion_files_without_the_field_still_load(self, tmp_path):
+        model = fit_fusion(_logistic_streams(400, seed=4))
+        doc = model.to_dict()
+        del doc["cv_by"]
+        path = tmp_path / "fusion.json"
+        path.write_text(json.dumps(doc))
+        assert load_fusion(path).cv_by == "video"

@@ -286,3 +286,14 @@ def test_cross_validation_of_a_dataset_folder_indexes_and_extracts_it_first(tmp_
     with Store(store) as s:
         assert len(s) == 32 and s.root_attrs["flow_method"] == CPU.flow_method
     assert doc["folds"] == 2
+
+
+def test_a_run_knows_the_recordings_of_its_store_and_fusion_holds_them_out(trained, tmp_path):
+    from fusion.pipeline import fit_run, run_groups
+
+    run, store, _ = trained
+    groups = run_groups(run)
+    assert groups == {v: v for v in [*_ids(4, "val-"), *_ids(4, "test-")]}  # each video its own recording here
+    outcome = fit_run(run, out=tmp_path / "fusion.json")
+    assert outcome.model.cv_by == "recording"
+    assert run_groups(make_run(tmp_path / "bare", _complementary)) is None  # no config: nothing known
