@@ -388,6 +388,29 @@ def _fixed_fusion(y: np.ndarray, logits: Mapping[str, np.ndarray], scores: dict,
     return _single(chosen, pick["threshold"], reason, common)
 
 
+def _folds(cfg: FusionConfig, groups: np.ndarray | None) -> BaseCrossValidator:
+    """The learned layer's folds: stratified over videos, or over whole recordings when `groups` is given."""
+    if groups is None:
+        return StratifiedKFold(cfg.cv_folds, shuffle=True, random_state=cfg.seed)
+    return StratifiedGroupKFold(min(cfg.cv_folds, len(np.unique(groups))), shuffle=True, random_state=cfg.seed)
+
+
+def _recording_folds_hold_both_classes(y: np.ndarray, groups: np.ndarray, cfg: FusionConfig, minority: int) -> bool:
+    """Whether folds of whole recordings leave both classes in every training part.
+
+    With one recording, or one that holds every video of a class, a fold would fit on one class
+    alone and score noise; the folds then hold out videos instead (and say so in the log).
+    """
+    if len(np.unique(groups)) < 2:
+        return False
+    small = minority < cfg.cv_min_per_class
+    splits = LeaveOneGroupOut().split(y, y, groups) if small else _folds(cfg, groups).split(y, y, groups)
+    if all(len(np.unique(y[train])) == 2 for train, _ in splits):
+        return True
+    logger.info("a recording holds every validation video of a class: fusion's folds hold out videos instead")
+    return False
+
+
 def fit_fusion(
     val_inputs: Mapping[str, Predictions], config: FusionConfig | None = None,
     groups: Mapping[str, str] | None = None,
@@ -435,19 +458,16 @@ def fit_fusion(
     scores = {name: _score(y, p.logits, cfg) for name, p in base.items()}
     g = None
     if groups is not None:
-        g = np.array([str(groups.get(v, f"video:{v}")) for v in aligned[streams[0]].video_ids])
-        if len(np.unique(g)) < 2:
-            g = None  # one recording: nothing to hold out but videos
+        g = np.array([str(groups.get(v, v)) for v in aligned[streams[0]].video_ids])  # unknown: its own recording
+        g = g if _recording_folds_hold_both_classes(y, g, cfg, minority) else None
+    compared = minority >= min(2, cfg.cv_min_per_class)  # below 2 the small path compares nothing out of fold
     common = dict(streams=streams, goal=cfg.goal, min_recall=cfg.min_recall, n_val=len(y), validation=scores,
-                  cv_by="video" if g is None else "recording")
+                  cv_by="recording" if g is not None and compared else "video")
     if minority < cfg.cv_min_per_class:
         return _fixed_fusion(y, logits, scores, minority, cfg, common, g)
 
     prior = _prior(features)
-    if g is None:
-        folds = StratifiedKFold(cfg.cv_folds, shuffle=True, random_state=cfg.seed)
-    else:
-        folds = StratifiedGroupKFold(min(cfg.cv_folds, len(np.unique(g))), shuffle=True, random_state=cfg.seed)
+    folds = _folds(cfg, g)
     n_folds = folds.get_n_splits()
     best = None
     for c in sorted(cfg.cs):  # ascending, so ties keep the stronger regularisation (closer to equal weights)

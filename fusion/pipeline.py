@@ -273,13 +273,18 @@ def run_groups(run_dir: str | Path) -> dict[str, str] | None:
 
     try:
         _, info = RunDir(Path(run_dir), STREAMS[0]).read_config()
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):  # no config, or one this version cannot read
         return None
-    store = Path(info.get("store", ""))
+    if not info.get("store"):
+        return None
+    store = Path(info["store"])
     if not store.is_file() and not store.with_name(store.name + ".parts").is_dir():
         return None
     with Store(store) as s:
-        return {v: str(s.attrs(v).get("group") or v) for v in s.video_ids}
+        recorded = {v: s.attrs(v).get("group") for v in s.video_ids}
+    if not any(recorded.values()):
+        return None  # a store without recordings: folds can only hold out videos
+    return {v: str(g or v) for v, g in recorded.items()}
 
 
 def fit_run(

@@ -362,3 +362,14 @@ class TestRecordingFolds:
         path = tmp_path / "fusion.json"
         path.write_text(json.dumps(doc))
         assert load_fusion(path).cv_by == "video"
+
+
+def test_recordings_that_each_hold_one_class_fall_back_to_video_folds():
+    val = _logistic_streams(400, seed=7)
+    by_class = {v: f"rec{y}" for v, y in zip(val["rgb"].video_ids, val["rgb"].labels, strict=True)}
+    model = fit_fusion(val, groups=by_class)  # holding out a recording would leave one class to fit on
+    assert model.cv_by == "video" and model.cv_folds == 5
+    small = _logistic_streams(40, seed=8)
+    one_positive_home = {v: ("pos" if y else f"rec{i % 4}")
+                         for i, (v, y) in enumerate(zip(small["rgb"].video_ids, small["rgb"].labels, strict=True))}
+    assert fit_fusion(small, groups=one_positive_home).cv_by == "video"

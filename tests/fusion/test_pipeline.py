@@ -297,3 +297,21 @@ def test_a_run_knows_the_recordings_of_its_store_and_fusion_holds_them_out(train
     outcome = fit_run(run, out=tmp_path / "fusion.json")
     assert outcome.model.cv_by == "recording"
     assert run_groups(make_run(tmp_path / "bare", _complementary)) is None  # no config: nothing known
+
+
+def test_a_run_whose_store_records_no_recordings_has_no_groups(trained, tmp_path):
+    from fusion.pipeline import run_groups
+    from streams.rundir import RunDir
+
+    run, store, cfg = trained
+    bare = tmp_path / "store.h5"
+    with StoreWriter(bare, flow_codec="float16") as w:
+        for i in range(2):
+            w.write(f"v{i}", np.zeros((3, SIDE, SIDE, 3), np.uint8), np.zeros((2, SIDE, SIDE, 2), np.float32),
+                    dict(label=i, group="", source_path=f"/v{i}.mp4", source_fps=10.0, source_size=[SIDE, SIDE],
+                         flow_method="synthetic"))
+    for name, info in (("no-groups", {"stream": "rgb", "store": str(bare)}), ("no-store", {"stream": "rgb"})):
+        rd = RunDir(tmp_path / name, "rgb")
+        rd.path.mkdir(parents=True)
+        rd.write_config(cfg, info)
+        assert run_groups(tmp_path / name) is None
