@@ -351,7 +351,7 @@ def _prior(features: tuple[str, ...]) -> np.ndarray:
 
 
 def _fixed_fusion(y: np.ndarray, logits: Mapping[str, np.ndarray], scores: dict, minority: int, cfg: FusionConfig,
-                  common: dict, groups: np.ndarray | None) -> FusionModel:
+                  common: dict, judge: BaseCrossValidator, groups: np.ndarray | None) -> FusionModel:
     """Fusion for a validation set too small to fit weights: the equal-weight layer, or one stream.
 
     A logistic layer needs about ten videos of the rarer class per weight it fits (events per
@@ -368,7 +368,6 @@ def _fixed_fusion(y: np.ndarray, logits: Mapping[str, np.ndarray], scores: dict,
     scores["equal"] = _score(y, equal, cfg)
     candidates = {**logits, "equal": equal}
     if minority >= 2:
-        judge = LeaveOneOut() if groups is None else LeaveOneGroupOut()
         _calibrate(scores, candidates, y, cfg.default_c, judge, groups)
     chosen = max(candidates, key=lambda name: _rank_key(scores[name], cfg.select_metric))
     pick = scores[chosen]
@@ -388,24 +387,23 @@ def _fixed_fusion(y: np.ndarray, logits: Mapping[str, np.ndarray], scores: dict,
     return _single(chosen, pick["threshold"], reason, common)
 
 
-def _folds(cfg: FusionConfig, groups: np.ndarray | None) -> BaseCrossValidator:
-    """The learned layer's folds: stratified over videos, or over whole recordings when `groups` is given."""
+def _folds(cfg: FusionConfig, groups: np.ndarray | None, small: bool) -> BaseCrossValidator:
+    """The folds inside a fit: leave-one-out for a small validation set (`_fixed_fusion`), else
+    stratified K-fold (the learned layer); over whole recordings when `groups` is given."""
+    if small:
+        return LeaveOneOut() if groups is None else LeaveOneGroupOut()
     if groups is None:
         return StratifiedKFold(cfg.cv_folds, shuffle=True, random_state=cfg.seed)
     return StratifiedGroupKFold(min(cfg.cv_folds, len(np.unique(groups))), shuffle=True, random_state=cfg.seed)
 
 
-def _recording_folds_hold_both_classes(y: np.ndarray, groups: np.ndarray, cfg: FusionConfig, minority: int) -> bool:
-    """Whether folds of whole recordings leave both classes in every training part.
+def _both_classes_in_every_fit(y: np.ndarray, groups: np.ndarray, folds: BaseCrossValidator) -> bool:
+    """Whether `folds` of whole recordings leave both classes in every training part.
 
-    With one recording, or one that holds every video of a class, a fold would fit on one class
-    alone and score noise; the folds then hold out videos instead (and say so in the log).
+    With a recording that holds every video of a class, a fold would fit on one class alone and
+    score noise; the folds then hold out videos instead (and say so in the log).
     """
-    if len(np.unique(groups)) < 2:
-        return False
-    small = minority < cfg.cv_min_per_class
-    splits = LeaveOneGroupOut().split(y, y, groups) if small else _folds(cfg, groups).split(y, y, groups)
-    if all(len(np.unique(y[train])) == 2 for train, _ in splits):
+    if all(len(np.unique(y[train])) == 2 for train, _ in folds.split(y, y, groups)):
         return True
     logger.info("a recording holds every validation video of a class: fusion's folds hold out videos instead")
     return False
@@ -456,18 +454,18 @@ def fit_fusion(
     minority = min(n_pos, len(y) - n_pos)
     base = baselines(aligned, dict(cfg.tsn_weights))
     scores = {name: _score(y, p.logits, cfg) for name, p in base.items()}
+    small = minority < cfg.cv_min_per_class
     g = None
     if groups is not None:
         g = np.array([str(groups.get(v, v)) for v in aligned[streams[0]].video_ids])  # unknown: its own recording
-        g = g if _recording_folds_hold_both_classes(y, g, cfg, minority) else None
-    compared = minority >= min(2, cfg.cv_min_per_class)  # below 2 the small path compares nothing out of fold
+        g = g if len(np.unique(g)) >= 2 and _both_classes_in_every_fit(y, g, _folds(cfg, g, small)) else None
+    folds = _folds(cfg, g, small)
     common = dict(streams=streams, goal=cfg.goal, min_recall=cfg.min_recall, n_val=len(y), validation=scores,
-                  cv_by="recording" if g is not None and compared else "video")
-    if minority < cfg.cv_min_per_class:
-        return _fixed_fusion(y, logits, scores, minority, cfg, common, g)
+                  cv_by="video" if g is None else "recording")
+    if small:
+        return _fixed_fusion(y, logits, scores, minority, cfg, common, folds, g)
 
     prior = _prior(features)
-    folds = _folds(cfg, g)
     n_folds = folds.get_n_splits()
     best = None
     for c in sorted(cfg.cs):  # ascending, so ties keep the stronger regularisation (closer to equal weights)

@@ -263,8 +263,9 @@ class FusionOutcome:
         return getattr(self.model, "fallback_reason", None)
 
 
-def run_groups(run_dir: str | Path) -> dict[str, str] | None:
-    """Video id -> source recording in the store a run was trained on; None when the run or store does not say.
+def run_groups(run_dir: str | Path, video_ids: Sequence[str] | None = None) -> dict[str, str] | None:
+    """Video id -> source recording in the store a run was trained on, for `video_ids` (default:
+    every video there); None when the run or store does not say.
 
     A video without a recorded group is its own recording.
     """
@@ -281,7 +282,7 @@ def run_groups(run_dir: str | Path) -> dict[str, str] | None:
     if not store.is_file() and not store.with_name(store.name + ".parts").is_dir():
         return None
     with Store(store) as s:
-        recorded = {v: s.attrs(v).get("group") for v in s.video_ids}
+        recorded = {v: s.attrs(v).get("group") for v in (s.video_ids if video_ids is None else video_ids) if v in s}
     if not any(recorded.values()):
         return None  # a store without recordings: folds can only hold out videos
     return {v: str(g or v) for v, g in recorded.items()}
@@ -324,7 +325,7 @@ def fit_run(
             if test_set is not None:
                 test = {s: test_set[s] for s in STREAMS}
         _check_val(val)
-        model = fit_fusion(val, cfg, run_groups(runs[0]))
+        model = fit_fusion(val, cfg, run_groups(runs[0], val[STREAMS[0]].video_ids.tolist()))
         path = save_fusion(model, Path(out) if out else runs[0] / "fusion.json")
 
         def fused(inputs):

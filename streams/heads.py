@@ -238,7 +238,8 @@ class StatsPoolHead(nn.Module):
 
     @torch.no_grad()
     def _initialize(self, stats: torch.Tensor) -> None:
-        s = stats.detach().float()  # (N, 4D)
+        s = stats.detach()  # (N, 4D)
+        s = s if s.dtype == torch.float64 else s.float()
         moments = torch.stack([torch.full_like(s[0], s.shape[0]), s.sum(dim=0), (s * s).sum(dim=0)])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(moments)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from streams.heads import STD_FLOOR, StatsPoolHead, masked_statistics
+from streams.heads import StatsPoolHead, masked_statistics
 
 if TYPE_CHECKING:
     from streams.rundir import RunDir
@@ -64,14 +64,10 @@ def fit_logistic(head: LogisticHead, features: torch.Tensor, labels: np.ndarray,
                          f"and {len(labels)} labels")
     if len(np.unique(labels)) < 2:
         raise ValueError("the logistic head needs training videos of both classes")
-    stats = masked_statistics(features.double()).numpy()  # (N, 4D)
-    mean, std = stats.mean(axis=0), stats.std(axis=0)
-    log_scale = -np.log(std + STD_FLOOR)
-    z = (stats - mean) * np.exp(log_scale)
+    stats = masked_statistics(features.double())  # (N, 4D)
+    head._initialize(stats)  # the head's own standardisation, from these videos
+    z = ((stats - head.shift.double()) * head.log_scale.double().exp()).numpy()
     lr = LogisticRegression(C=c, class_weight="balanced", max_iter=10_000).fit(z, labels)
-    head.shift.copy_(torch.as_tensor(mean))
-    head.log_scale.copy_(torch.as_tensor(log_scale))
-    head.initialized.fill_(True)
     head.proj.weight.zero_()
     head.proj.bias.zero_()
     head.proj.weight[0] = torch.as_tensor(lr.coef_[0])
