@@ -13,5 +13,8 @@ def choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
     return Enum(name, {v: v for v in values}, type=str)
 
 
+PRETRAINED_HELP = "Start the backbones from ImageNet weights in the torch hub cache (never downloaded)."
+WEIGHTS_HELP = "Backbone weights file (loaded even without --pretrained)."
+
 Backbone = choice_enum("Backbone", BACKBONES)
 Head = choice_enum("Head", HEADS)

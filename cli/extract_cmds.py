@@ -155,10 +155,9 @@ def merge(
 @user_errors
 def info(store: Path = typer.Argument(..., help="Store file.")) -> None:
     """Summarise a store and check every video; exit 1 when anything is corrupt."""
-    from data.store import Store
+    from data.store import Store, require_store
 
-    if not store.exists() and not Path(str(store) + ".parts").exists():
-        raise FileNotFoundError(f"store {store} does not exist")
+    require_store(store)
     with Store(store) as s:
         counts = Counter((s.attrs(v).get("split", "") or "-", s.label(v)) for v in s.video_ids)
         splits = sorted({k for k, _ in counts})

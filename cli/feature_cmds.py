@@ -16,7 +16,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from cli.choices import Backbone
+from cli.choices import PRETRAINED_HELP, WEIGHTS_HELP, Backbone
 from cli.console import err, out, table
 from cli.errors import user_errors
 
@@ -45,8 +45,8 @@ def features(
     size: Annotated[int | None, typer.Option(help="Square frame side fed to the backbone (default: the store's).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Clips per backbone call (each of T frames).")] = 32,
-    pretrained: Annotated[bool, typer.Option(help="ImageNet weights from the torch hub cache (never downloaded).")] = False,
-    weights: Annotated[Path | None, typer.Option(help="Backbone weights file (loaded even without --pretrained).")] = None,
+    pretrained: Annotated[bool, typer.Option(help=PRETRAINED_HELP)] = False,
+    weights: Annotated[Path | None, typer.Option(help=WEIGHTS_HELP)] = None,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes reading clips.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the augmented views.")] = 0,
 ) -> None:

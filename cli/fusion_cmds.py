@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from cli.choices import PRETRAINED_HELP, WEIGHTS_HELP
 from cli.console import err, out, table
 from cli.errors import fail, user_errors
 
@@ -127,11 +128,13 @@ def cv(
     config: Annotated[Path | None, typer.Option(help="Training config TOML (replaces the preset's settings).")] = None,
     devices: Annotated[str | None, typer.Option(help="One device per stream, e.g. cuda:0,cuda:1 or cpu,cpu.")] = None,
     tta: Annotated[int, typer.Option(help=TTA_HELP)] = 1,
-    goal: Annotated[Goal, typer.Option(help="Operating-point goal chosen on each fold's validation part.")] = Goal.accuracy,
+    goal: Annotated[Goal, typer.Option(help="Operating-point goal, chosen per fold where fusion is fitted (see --inner-folds).")] = Goal.accuracy,
     seed: Annotated[int | None, typer.Option(help="Seed of the folds and of training (preset only; a --config sets train.seed); rerun with others for repeated k-fold. Default 0.")] = None,
     inner_folds: Annotated[int | None, typer.Option(help="Fit fusion and thresholds on out-of-fold predictions of each fold's non-test videos from K inner group folds, and score its test videos with the mean of those K heads (0 = fit on its validation part, score with the fold's own heads; default: the preset's).")] = None,
+    pretrained: Annotated[bool, typer.Option(help=PRETRAINED_HELP)] = False,
+    weights: Annotated[Path | None, typer.Option(help=WEIGHTS_HELP)] = None,
 ) -> None:
-    """Cross-validate: per fold train both streams, fuse on its validation part, evaluate on the fold."""
+    """Cross-validate: per fold train both streams, fuse (on inner out-of-fold predictions or the validation part), evaluate on the fold."""
     from fusion.pipeline import cross_validate
     from fusion.tta import check_tta
 
@@ -144,7 +147,8 @@ def cv(
 
         cfg = resolve_run_config(config)
     doc = cross_validate(store, folds, out_dir, preset.value, cfg, _parse_devices(devices), tta, epochs, goal.value,
-                         on_event=_fold_printer(), seed=seed or 0, inner_folds=inner_folds)
+                         on_event=_fold_printer(), seed=seed or 0, inner_folds=inner_folds,
+                         pretrained=pretrained, weights=weights)
     rows = [[m, *(f"{s[k]['mean']:.4f} ± {s[k]['std']:.4f}" for k in ("accuracy", "macro_f1", "roc_auc"))]
             for m, s in doc["summary"].items()]
     out.print(table(f"{folds}-fold cross-validation of {store}", ["model", "accuracy", "macro-F1", "ROC-AUC"], rows))

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cli.choices import PRETRAINED_HELP, WEIGHTS_HELP
 from cli.console import err, out, table
 from cli.errors import user_errors
 from cli.fusion_cmds import TTA_HELP, PresetName, metrics_table
@@ -25,6 +26,8 @@ def run(
     preset: Annotated[PresetName, typer.Option(help="cpu (small and fast), gpu (the report's settings) or auto (gpu when CUDA is there).")] = PresetName.auto,
     epochs: Annotated[int | None, typer.Option(help="Stage-1 epochs (overrides the preset).")] = None,
     tta: Annotated[int | None, typer.Option(help=TTA_HELP + " Default: the preset's.")] = None,
+    pretrained: Annotated[bool, typer.Option(help=PRETRAINED_HELP)] = False,
+    weights: Annotated[Path | None, typer.Option(help=WEIGHTS_HELP)] = None,
 ) -> None:
     """Index, extract flow, train both streams at once, fuse and evaluate; rerun to resume."""
     from fusion.pipeline import run_job
@@ -61,7 +64,7 @@ def run(
             elif kind == "done":
                 bar.update(tasks[stream], info="done")
 
-        result = run_job(data_dir, out_dir, chosen.name, epochs, tta, on_event)
+        result = run_job(data_dir, out_dir, chosen.name, epochs, tta, on_event, pretrained=pretrained, weights=weights)
     total = sum(s["seconds"] for s in result["steps"].values())
     out.print(table("steps", ["step", "status", "seconds"],
                     [[k, v["status"], f"{v['seconds']:.1f}"] for k, v in result["steps"].items()]))

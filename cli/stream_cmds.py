@@ -12,7 +12,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from cli.choices import Backbone, Head
+from cli.choices import PRETRAINED_HELP, WEIGHTS_HELP, Backbone, Head
 from cli.console import err, out, table
 from cli.errors import fail, user_errors
 
@@ -77,8 +77,8 @@ def train(
     backbone: Annotated[Backbone | None, typer.Option(help="Frame encoder.")] = None,
     head: Annotated[Head | None, typer.Option(help="Temporal head.")] = None,
     pretrained: Annotated[bool | None, typer.Option(
-        "--pretrained/--no-pretrained", help="ImageNet weights from the torch hub cache.")] = None,
-    weights: Annotated[Path | None, typer.Option(help="Backbone weights file.")] = None,
+        "--pretrained/--no-pretrained", help=PRETRAINED_HELP)] = None,
+    weights: Annotated[Path | None, typer.Option(help=WEIGHTS_HELP)] = None,
     views: Annotated[int | None, typer.Option(help="Cached feature views per video (stage 1).")] = None,
     minority_views: Annotated[int | None, typer.Option(help="Cached views per video of the rarer class.")] = None,
     steps: Annotated[int | None, typer.Option(help="Time steps T per clip.")] = None,
@@ -159,10 +159,10 @@ def train(
 
 def _precheck(store: Path, cfg) -> None:
     """Mistakes both streams would hit, reported once before any process starts."""
+    from data.store import require_store
     from streams.launch import check_training_split, split_ids, store_labels
 
-    if not store.exists() and not store.with_name(store.name + ".parts").is_dir():
-        raise FileNotFoundError(f"store {store} does not exist; make it with `twostream extract`")
+    require_store(store)
     ids = split_ids(store, cfg.train)
     check_training_split(ids, {k: store_labels(store, v) for k, v in ids.items()}, cfg.train.metric)
 

@@ -129,6 +129,20 @@ def shard_path(path: str | Path, index: int, count: int) -> Path:
     return path.with_name(f"{path.stem}.shard-{index}-of-{count}{path.suffix}")
 
 
+def store_exists(path: str | Path) -> bool:
+    """Whether a store is at `path`: its main file, or the committed parts of an extraction still running."""
+    path = Path(path)
+    return path.exists() or parts_dir(path).is_dir()
+
+
+def require_store(path: str | Path) -> Path:
+    """`path` as a Path; FileNotFoundError (one line, saying how to make one) when no store is there."""
+    path = Path(path)
+    if not store_exists(path):
+        raise FileNotFoundError(f"store {path} does not exist; make it with `twostream extract`")
+    return path
+
+
 # --- locking -----------------------------------------------------------------------------------
 
 
@@ -686,6 +700,10 @@ class Store:
         if label is None:
             raise ValueError(f"video {video_id!r} in {self.path} has no label attr")
         return label
+
+    def recording(self, video_id: str) -> str:
+        """The video's source recording (its `group` attr); a video without one is its own recording."""
+        return str(self.attrs(video_id).get("group") or video_id)
 
     def num_frames(self, video_id: str) -> int:
         return self._meta(video_id).num_frames

@@ -23,7 +23,7 @@ import numpy as np
 from data.flowcodec import DEFAULT_CODEC
 from data.manifest import ManifestRow
 from data.sampling import Sampling
-from data.store import Store, StoreWriter, shard_path
+from data.store import Store, StoreWriter, shard_path, store_exists
 from data.video import VideoReadError, read_video
 from flow.api import FlowEstimator
 from flow.devices import cpu_count
@@ -199,7 +199,7 @@ def _root_attrs(cfg: ExtractConfig, estimator: FlowEstimator, codec: str | None)
 
 
 def _check_resumable(path: Path, attrs: dict) -> None:
-    if not path.exists() and not Path(str(path) + ".parts").exists():
+    if not store_exists(path):
         return
     with Store(path) as store:
         existing = store.root_attrs

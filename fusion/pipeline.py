@@ -102,6 +102,7 @@ class ViewModel:
 
     def __init__(self, stream_dir: Path, device) -> None:
         from data.clips import ClipConfig
+        from data.store import store_exists
         from streams.rundir import load_stream_model
         from streams.train import use_fused_lstm
 
@@ -110,7 +111,7 @@ class ViewModel:
         if self.device.type == "cpu":
             use_fused_lstm(self.model)  # same results, faster recurrent layers on a CPU
         self.store = Path(info["run"].get("store", ""))
-        if not self.store.exists() and not self.store.with_name(self.store.name + ".parts").is_dir():
+        if not store_exists(self.store):
             raise FileNotFoundError(
                 f"{stream_dir} was trained on store {self.store}, which no longer exists; TTA needs it"
             )
@@ -269,7 +270,7 @@ def run_groups(run_dir: str | Path, video_ids: Sequence[str] | None = None) -> d
 
     A video without a recorded group is its own recording.
     """
-    from data.store import Store
+    from data.store import Store, store_exists
     from streams.rundir import RunDir
 
     try:
@@ -279,13 +280,13 @@ def run_groups(run_dir: str | Path, video_ids: Sequence[str] | None = None) -> d
     if not info.get("store"):
         return None
     store = Path(info["store"])
-    if not store.is_file() and not store.with_name(store.name + ".parts").is_dir():
+    if store.is_dir() or not store_exists(store):
         return None
     with Store(store) as s:
-        recorded = {v: s.attrs(v).get("group") for v in (s.video_ids if video_ids is None else video_ids) if v in s}
-    if not any(recorded.values()):
-        return None  # a store without recordings: folds can only hold out videos
-    return {v: str(g or v) for v, g in recorded.items()}
+        ids = [v for v in (s.video_ids if video_ids is None else video_ids) if v in s]
+        if not any(s.attrs(v).get("group") for v in ids):
+            return None  # a store without recordings: folds can only hold out videos
+        return {v: s.recording(v) for v in ids}
 
 
 def fit_run(
@@ -491,19 +492,6 @@ def _preset(preset):
     return preset if isinstance(preset, Preset) else choose_preset(preset)
 
 
-def _store_groups(store: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    from data.store import Store
-
-    with Store(store) as s:
-        rows = [(s.attrs(v)) for v in s.video_ids]
-        ids = s.video_ids
-    if not rows:
-        raise ValueError(f"{store} holds no videos; make it with `twostream extract`")
-    labels = np.array([int(a["label"]) for a in rows], np.int64)
-    groups = np.array([str(a.get("group") or v) for a, v in zip(rows, ids, strict=True)])
-    return labels, groups
-
-
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
     if v.size == 0:
@@ -535,8 +523,10 @@ def cross_validate(
     on_event: Event | None = None,
     seed: int = 0,
     inner_folds: int | None = None,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Stratified group k-fold: per fold train both streams, fuse on its val part, evaluate on its test fold.
+    """Stratified group k-fold: per fold train both streams, fuse, evaluate on its test fold.
 
     `store` may also be a dataset folder or CSV: it is indexed and extracted into OUT/store.h5
     with the preset's settings first (OUT/manifest.csv, resumable). No source recording is in two
@@ -550,10 +540,12 @@ def cross_validate(
     instead of on its validation part, and scores the test fold with the mean of those K inner
     heads per stream (stacking): the thresholds meet scores of the models they were fitted on. With
     `tta` views both are means over the same views.
+    `pretrained` / `weights` start the backbones from ImageNet weights (hub cache) or a file.
     Writes OUT/fold<k>/ runs, OUT/cv.json and OUT/cv.md; returns the
     summary {"folds": [...], "summary": {model: {metric: {"mean", "std"}}}}.
     """
-    from fusion.oof import check_inner_folds, out_of_fold
+    from data.store import require_store
+    from fusion.oof import check_inner_folds, labels_groups, out_of_fold
     from fusion.presets import train_devices
 
     store = Path(store)
@@ -562,21 +554,23 @@ def cross_validate(
     k = check_tta(tta)
     chosen = _preset(preset)
     n_inner = check_inner_folds(chosen.inner_folds if inner_folds is None else inner_folds)
+    base = config if config is not None else chosen.run_config(epochs, seed=seed)
+    if config is not None and epochs is not None:
+        base = replace(base, train=replace(base.train, epochs=epochs))
+    base = base.with_weights(pretrained, weights)  # a missing weights file fails before any extraction
     if store.is_dir() or store.suffix.lower() == ".csv":  # a dataset: index and extract it first
         Path(out).mkdir(parents=True, exist_ok=True)
         store = prepare_store(store, Path(out), chosen)
-    if not store.exists() and not store.with_name(store.name + ".parts").is_dir():
-        raise FileNotFoundError(f"store {store} does not exist; make it with `twostream extract`")
-    labels, groups = _store_groups(store)
+    require_store(store)
+    labels, groups = labels_groups(store)
+    if not len(labels):
+        raise ValueError(f"{store} holds no videos; make it with `twostream extract`")
     n_groups = len(np.unique(groups))
     if folds > n_groups:
         raise ValueError(
             f"--folds {folds} is more than the {n_groups} source recordings (groups) in {store}; "
             f"use at most {n_groups} folds"
         )
-    base = config if config is not None else chosen.run_config(epochs, seed=seed)
-    if config is not None and epochs is not None:
-        base = replace(base, train=replace(base.train, epochs=epochs))
     if n_inner and inner_folds is None:  # the preset's K adapts to the data and settings; an asked-for K is checked
         n_inner = _preset_inner_folds(store, base, folds, n_inner)
     elif n_inner:
@@ -734,19 +728,23 @@ def run_job(
     epochs: int | None = None,
     tta: int | None = None,
     on_event: Event | None = None,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
 ) -> dict[str, Any]:
     """The whole job: index -> extract -> train both streams -> fuse -> evaluate.
 
     Without `data_dir` the embedded synthetic dataset is generated into OUT/data. Every step
     reuses what an earlier, interrupted run of the same command finished: the dataset, the
     manifest (OUT/manifest.csv), the store (OUT/store.h5, which resumes per video), the cached
-    features, each trained stream (best.pt + predictions) or its last checkpoint. Returns
+    features, each trained stream (best.pt + predictions) or its last checkpoint. `pretrained` /
+    `weights` start the backbones from ImageNet weights (hub cache) or a file. Returns
     {"preset", "steps": {step: {"seconds", "status"}}, "metrics", "report", "fallback_reason"}.
     """
     from fusion.presets import train_devices
 
     chosen = _preset(preset)
     k = check_tta(tta if tta is not None else chosen.tta)
+    run_cfg = chosen.run_config(epochs).with_weights(pretrained, weights)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a folder")
@@ -772,7 +770,7 @@ def run_job(
         groups = None
     store = prepare_store(source, out, chosen, groups, step)
     t = time.perf_counter()
-    status = train_run(store, out, chosen.run_config(epochs), train_devices(chosen), on_event)
+    status = train_run(store, out, run_cfg, train_devices(chosen), on_event)
     step("train", ", ".join(f"{s} {v}" for s, v in status.items()), t)
     t = time.perf_counter()
     result = evaluate_run(out, k)

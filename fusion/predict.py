@@ -102,9 +102,9 @@ def window_starts(duration: float, window: float, stride: float) -> list[tuple[f
 
 def _store_settings(store_path: Path) -> dict:
     """Sampling, flow method/parameters, codec and bound of the run's store (first video's attrs)."""
-    from data.store import Store
+    from data.store import Store, store_exists
 
-    if not store_path.exists() and not store_path.with_name(store_path.name + ".parts").is_dir():
+    if not store_exists(store_path):
         raise FileNotFoundError(
             f"the run was trained on store {store_path}, which no longer exists; its sampling and flow "
             "settings are needed to score new videos"

@@ -12,10 +12,10 @@ features carry next to nothing, and there is nothing to train it on. The head is
 closed-form `logistic` one (`streams.logistic`): L2 logistic regression (C = 0.1) on each clip's
 pooled statistics of those descriptors, fitted to its optimum on the plain view, so one cached
 view per video is enough and no epoch is picked on a validation part of 5-8 videos. On the 60
-SCFD clips (6 seeds of 5-fold cross-validation) it raised flow from 0.661 to 0.744 and fused from
-0.656 to 0.701 over the 1-layer 32-unit Bi-LSTM trained for 100 epochs with best.pt by validation
-loss, which stays in the fields below for configs that switch the head back (head =
-"bilstm_attention", views 4). No test-time augmentation. It generates 480 clips from
+SCFD clips (6 seeds of 5-fold cross-validation, descriptors of version 2) it raised flow from
+0.661 to 0.744 and fused from 0.656 to 0.701 over the 1-layer 32-unit Bi-LSTM trained for 100
+epochs with best.pt by validation loss; that head's sizes stay in the fields below for configs
+that switch back to head = "bilstm_attention" (which wants views = 4). No test-time augmentation. It generates 480 clips from
 60 recordings: with fewer, the 15 % validation part is too small to place the operating threshold
 well (160 clips gave 0.83-0.92 test accuracy from run to run, 480 give 0.92-0.99). `gpu` follows
 the research report: 224 px frames, TV-L1 flow, 16 steps, VGG19 + 3-layer Bi-LSTM + attention, 30

@@ -162,9 +162,8 @@ def build_backbone(
     accept torchvision checkpoints and state dicts saved from a `Backbone` or a model holding one
     as `.backbone`. `image_size` only matters for vit_b_16.
     """
+    path = weights_file(name, pretrained, weights_path)
     if name == HOGHOF:
-        if pretrained or weights_path is not None:
-            raise ValueError("the hoghof backbone has no weights; drop --pretrained / weights_path")
         encoder = HogHof(in_channels)
         return Backbone(encoder, encoder.out_dim, in_channels, name, min_size=encoder.grid)
     spec = _spec(name)
@@ -172,12 +171,6 @@ def build_backbone(
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
     if name == "vit_b_16" and (image_size < 16 or image_size % 16):
         raise ValueError(f"vit_b_16 needs an image_size that is a multiple of 16, got {image_size}")
-    path = Path(weights_path) if weights_path is not None else (pretrained_path(name) if pretrained else None)
-    if path is not None and weights_path is None and not path.is_file():
-        raise ValueError(
-            f"pretrained {name} weights not found: put {spec.file_name} (from {spec.weights.url}) "
-            f"in {path.parent}/ or pass --weights PATH"
-        )
     state = load_weights(path) if path is not None else None
     # With weights to load, build on the meta device: random init of VGG19's 120M classifier
     # weights would take seconds and be overwritten anyway.
@@ -191,6 +184,32 @@ def build_backbone(
         log.info("%s: loaded weights from %s", name, path)
     return Backbone(net, spec.out_dim, in_channels, name, image_size if name == "vit_b_16" else None,
                     32 if name == "vgg19" else 1)
+
+
+def weights_file(name: str, pretrained: bool = False, weights_path: str | Path | None = None) -> Path | None:
+    """The file backbone `name`'s weights come from: `weights_path`, else the hub cache when
+    `pretrained`; None: random initialisation. A missing file is a one-line error naming where to
+    put it (nothing is ever downloaded)."""
+    if name == HOGHOF:
+        if pretrained or weights_path is not None:
+            raise ValueError("the hoghof backbone has no weights to load; pretrained weights need a CNN backbone "
+                             "(vgg19 in the gpu preset, or model.backbone in a --config)")
+        return None
+    spec = _spec(name)
+    if weights_path is not None:
+        path = Path(weights_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file not found: {path}")
+        return path
+    if not pretrained:
+        return None
+    path = pretrained_path(name)
+    if not path.is_file():
+        raise ValueError(
+            f"pretrained {name} weights not found: put {spec.file_name} (from {spec.weights.url}) "
+            f"in {path.parent}/ or pass --weights PATH"
+        )
+    return path
 
 
 def pretrained_path(name: str) -> Path:

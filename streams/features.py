@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.augment import AugmentConfig
 from data.clips import ClipConfig, ClipDataset, clip_inputs
-from data.store import Store
+from data.store import Store, require_store
 from flow.devices import resolve_device
 from streams.backbones import build_backbone
 from streams.hoghof import VERSION as HOGHOF_VERSION
@@ -182,8 +182,7 @@ def _read_store(path: Path, stream: str, video_ids: Sequence[str] | None) -> tup
     """Video ids, their labels and the store's root attrs; user mistakes as one-line errors."""
     if stream not in ("rgb", "flow"):
         raise ValueError(f"unknown stream {stream!r}; expected 'rgb' or 'flow'")
-    if not path.exists() and not path.with_name(path.name + ".parts").is_dir():
-        raise FileNotFoundError(f"store {path} does not exist; make it with `twostream extract`")
+    require_store(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a store; make a store with `twostream extract`")
     store = Store(path)

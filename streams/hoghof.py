@@ -1,4 +1,5 @@
-"""Training-free HOG/HOF descriptors: the classical hand-crafted encoder of action recognition.
+"""Training-free motion descriptors (HOF for flow, frame change for RGB): the classical hand-crafted
+encoder of action recognition. The name is the HOG/HOF family's; the RGB side no longer uses HOG.
 
 For footage too scarce to train a CNN on and without pretrained weights, oriented-histogram
 descriptors on a coarse spatial grid are the standard baseline (Dalal & Triggs 2005, HOG; Laptev,

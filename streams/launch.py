@@ -272,11 +272,12 @@ def train_stream(store: str | Path, stream: str, out: str | Path, cfg: RunConfig
     continues from last.pt. Raises ValueError/FileNotFoundError for user mistakes and
     NonFiniteLossError when the loss diverges.
     """
+    from data.store import require_store
+
     store = Path(store)
     if stream not in STREAMS:
         raise ValueError(f"unknown stream {stream!r}; expected 'rgb' or 'flow'")
-    if not store.exists() and not store.with_name(store.name + ".parts").is_dir():
-        raise FileNotFoundError(f"store {store} does not exist; make it with `twostream extract`")
+    require_store(store)
     info, created = init_distributed(device)
     try:
         return _train_stream(store, stream, RunDir(out, stream), cfg or RunConfig(), info, resume, on_event)
@@ -580,9 +581,9 @@ def train_both(store: str | Path, out: str | Path, cfg: RunConfig, devices: Sequ
     RUN/<stream>/train.log; `on_event` receives both processes' events (with "stream" added).
     Processes are spawned (CUDA cannot be used in a forked child); "fork" starts faster on CPU.
     """
-    store = Path(store)
-    if not store.exists() and not store.with_name(store.name + ".parts").is_dir():
-        raise FileNotFoundError(f"store {store} does not exist; make it with `twostream extract`")
+    from data.store import require_store
+
+    store = require_store(store)
     devices = list(devices)
     if all(resolve_device(d).type == "cpu" for d in devices) and not cfg.train.threads:
         cfg = replace(cfg, train=replace(cfg.train, threads=max(1, cpu_count() // len(STREAMS))))

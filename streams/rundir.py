@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,20 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: getattr(self, name).to_dict() for name in SECTIONS}
+
+    def with_weights(self, pretrained: bool = False, weights_path: str | Path | None = None) -> RunConfig:
+        """This config starting its backbones from ImageNet weights (hub cache) or a weights file.
+
+        Checked now (a backbone without weights, a missing file: one-line errors), before any work.
+        """
+        if not pretrained and weights_path is None:
+            return self
+        from streams.backbones import weights_file
+
+        weights_file(self.model.backbone, pretrained, weights_path)
+        return replace(self, model=replace(
+            self.model, pretrained=pretrained or self.model.pretrained,
+            weights_path=str(weights_path) if weights_path is not None else self.model.weights_path))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:

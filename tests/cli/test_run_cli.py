@@ -73,6 +73,14 @@ def test_run_with_a_missing_dataset(tmp_path):
     assert len(errors) == 1 and "does not exist" in errors[0]
 
 
+def test_run_with_a_missing_weights_file_writes_nothing(tmp_path):
+    res = _run("run", "--out", tmp_path / "run", "--preset", "gpu", "--weights", tmp_path / "no.pth")
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "weights file not found" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_with_tta_zero(tmp_path):
     res = _run("run", "--out", tmp_path / "run", "--tta", "0")
     assert res.exit_code == 2 and "--tta must be at least 1" in res.output

@@ -21,7 +21,9 @@ from data.store import (
     STORE_ATTRS,
     Store,
     StoreWriter,
+    require_store,
     shard_path,
+    store_exists,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -409,6 +411,14 @@ def test_recode_rgb_converts_frames_and_copies_the_rest(tmp_path):
 
 
 # --- resume, finalize, stale files -----------------------------------------------------------
+
+
+def test_missing_store_is_one_line_that_says_how_to_make_one(tmp_path):
+    assert not store_exists(tmp_path / "none.h5")
+    with pytest.raises(FileNotFoundError, match=r"none\.h5 does not exist; make it with `twostream extract`"):
+        require_store(tmp_path / "none.h5")
+    (tmp_path / "running.h5.parts").mkdir()  # an extraction still writing: its committed parts are the store
+    assert store_exists(tmp_path / "running.h5") and require_store(str(tmp_path / "running.h5")) == tmp_path / "running.h5"
 
 
 def test_interrupted_run_is_resumable(tmp_path):

@@ -96,6 +96,25 @@ class TestWeights:
         with pytest.raises(ValueError, match="cannot read weights"):
             build_backbone(SMALL, weights_path=path)
 
+    def test_run_config_with_weights_is_checked_before_any_work(self, rgb_weights, hub_dir, tmp_path):
+        from streams.config import ModelConfig
+        from streams.rundir import RunConfig
+
+        cfg = RunConfig(model=ModelConfig(backbone=SMALL))
+        assert cfg.with_weights() is cfg
+        path, _ = rgb_weights
+        chosen = cfg.with_weights(weights_path=path)
+        assert chosen.model.weights_path == str(path) and not chosen.model.pretrained
+        with pytest.raises(FileNotFoundError, match="nope.pth"):
+            cfg.with_weights(weights_path=tmp_path / "nope.pth")
+        with pytest.raises(ValueError, match="weights not found"):  # empty hub cache
+            cfg.with_weights(pretrained=True)
+        pretrained_path(SMALL).parent.mkdir(parents=True)
+        shutil.copy(path, pretrained_path(SMALL))
+        assert cfg.with_weights(pretrained=True).model.pretrained
+        with pytest.raises(ValueError, match="hoghof backbone has no weights to load; pretrained weights need a CNN"):
+            RunConfig(model=ModelConfig(backbone="hoghof")).with_weights(pretrained=True)
+
     def test_unknown_backbone(self):
         with pytest.raises(ValueError, match="unknown backbone 'vgg16'"):
             build_backbone("vgg16")
