@@ -115,17 +115,17 @@ def _non_test_part(store: str | Path, train_cfg) -> tuple[np.ndarray, np.ndarray
 
     ids = split_ids(store, train_cfg)
     non_test = ids["train"] + ids["val"]
-    labels, groups = labels_groups(store, non_test)
-    return np.asarray(non_test, dtype=str), labels, groups
+    return labels_groups(store, non_test)
 
 
-def labels_groups(store: str | Path, video_ids: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (int64) and source recordings (str) of `video_ids` (default: every video) in a store, each (N,)."""
+def labels_groups(store: str | Path, video_ids: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ids (str), labels (int64) and source recordings (str) of `video_ids` (default: every video) in a store, each (N,)."""
     from data.store import Store
 
     with Store(store) as s:
         ids = s.video_ids if video_ids is None else video_ids
-        return (np.array([s.label(v) for v in ids], np.int64), np.array([s.recording(v) for v in ids], dtype=str))
+        return (np.asarray(ids, dtype=str), np.array([s.label(v) for v in ids], np.int64),
+                np.array([s.recording(v) for v in ids], dtype=str))
 
 
 def oof_path(fold_dir: str | Path, stream: str, split: str = OOF_SPLIT) -> Path:
@@ -159,7 +159,7 @@ def out_of_fold(
         return cached
     # Files of another setting may be half rewritten below: the marker goes first, and comes back last.
     (fold_dir / _META).unlink(missing_ok=True)
-    test_labels, _ = labels_groups(store, test_ids)
+    _, test_labels, _ = labels_groups(store, test_ids)
     epochs = {}
     for i, stream in enumerate(STREAMS):
         cfg, info = cfgs[stream]

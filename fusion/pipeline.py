@@ -401,7 +401,8 @@ def evaluate_run(
 
     Returns {"metrics": {"rgb", "flow", "fused"} -> compute_metrics dict, "report": report.md path,
     "eval_dir", "tta", "fallback_reason", "fusion_method" ("learned", "equal", "single"; None for an
-    ensemble), "comparison"}.
+    ensemble), "comparison", "n_fit", "wrong": {"rgb", "flow", "fused"} -> the test videos each
+    model calls wrongly at its threshold (sorted ids)}.
     """
     from fusion.report import write_report
 
@@ -411,14 +412,14 @@ def evaluate_run(
     test = align_all(outcome.test)
     results: dict[str, dict] = {}
     predictions: dict[str, Predictions] = {}
+    thresholds: dict[str, float] = {}
     for s in STREAMS:
         pv = outcome.val[s]
-        thr = choose_threshold(pv.labels, pv.probabilities, cfg.goal, cfg.min_recall)
-        results[s] = compute_metrics(test[s].labels, test[s].probabilities, thr)
+        thresholds[s] = choose_threshold(pv.labels, pv.probabilities, cfg.goal, cfg.min_recall)
         predictions[s] = test[s]
-    fused = outcome.fused("test")
-    results["fused"] = compute_metrics(fused.labels, fused.probabilities, outcome.threshold)
-    predictions["fused"] = fused
+    predictions["fused"], thresholds["fused"] = outcome.fused("test"), outcome.threshold
+    for m, p in predictions.items():
+        results[m] = compute_metrics(p.labels, p.probabilities, thresholds[m])
     eval_dir = run / "eval"
     title = f"twostream evaluation: {run.resolve().name}" + (f" ({outcome.tta} TTA views)" if outcome.tta > 1 else "")
     write_report(eval_dir, results, predictions=predictions, goal=cfg.goal, min_recall=cfg.min_recall,
@@ -437,6 +438,8 @@ def evaluate_run(
         "fusion_method": getattr(outcome.model, "method", None),
         "comparison": outcome.comparison,
         "n_fit": len(outcome.val["rgb"]),
+        "wrong": {m: sorted(str(v) for v in p.video_ids[(p.probabilities >= thresholds[m]) != (p.labels == 1)])
+                  for m, p in predictions.items()},
     }
 
 
@@ -562,7 +565,7 @@ def cross_validate(
         Path(out).mkdir(parents=True, exist_ok=True)
         store = prepare_store(store, Path(out), chosen)
     require_store(store)
-    labels, groups = labels_groups(store)
+    ids, labels, groups = labels_groups(store)
     if not len(labels):
         raise ValueError(f"{store} holds no videos; make it with `twostream extract`")
     n_groups = len(np.unique(groups))
@@ -600,15 +603,33 @@ def cross_validate(
                      "fitted_on": "validation" if fit_set is None else "out-of-fold", "n_fit": result["n_fit"],
                      **{m: {name: _pick(result["metrics"][m], keys) for name, keys in _CV_METRICS}
                         for m in ("rgb", "flow", "fused")},
-                     "n_test": result["metrics"]["fused"]["n"]})
+                     "n_test": result["metrics"]["fused"]["n"], "wrong": result["wrong"]})
         logger.info("fold %d/%d: fused accuracy %.4f", fold + 1, folds, rows[-1]["fused"]["accuracy"])
     summary = {m: {name: _mean_std([r[m][name] for r in rows]) for name, _ in _CV_METRICS}
                for m in ("rgb", "flow", "fused")}
     doc = {"store": str(store.resolve()), "folds": folds, "tta": k, "goal": goal, "preset": chosen.name,
-           "seed": base.train.seed, "inner_folds": n_inner, "rounds": rows, "summary": summary}
+           "seed": base.train.seed, "inner_folds": n_inner, "rounds": rows, "summary": summary,
+           "by_recording": _errors_by_recording(rows, ids, labels, groups)}
     write_atomic(out / "cv.json", json.dumps(doc, indent=2) + "\n")
     write_atomic(out / "cv.md", _cv_markdown(doc))
     return doc
+
+
+def _errors_by_recording(rows: Sequence[Mapping], ids: np.ndarray, labels: np.ndarray,
+                         groups: np.ndarray) -> dict[str, dict]:
+    """Per source recording: its videos, how many are violent, and each model's wrong calls on them
+    (every video is tested in exactly one fold). Shape: ids, labels, groups (N,)."""
+    recording = dict(zip(ids.tolist(), groups.tolist(), strict=True))
+    out: dict[str, dict] = {}
+    for g in np.unique(groups):
+        mine = groups == g
+        out[str(g)] = {"videos": int(mine.sum()), "violent": int(labels[mine].sum()),
+                       "wrong": {m: 0 for m in ("rgb", "flow", "fused")}}
+    for r in rows:
+        for m, wrong in r["wrong"].items():
+            for v in wrong:
+                out[recording[v]]["wrong"][m] += 1
+    return out
 
 
 def _preset_inner_folds(store: Path, base, folds: int, wanted: int) -> int:
@@ -667,7 +688,25 @@ def _cv_markdown(doc: Mapping) -> str:
         fit = f"{'out-of-fold' if n_inner else 'validation'} ({r.get('n_fit', '?')} videos)"
         lines.append(f"| {r['fold']} | {r['n_test']} | {r['rgb']['accuracy']:.4f} | {r['flow']['accuracy']:.4f} "
                      f"| {r['fused']['accuracy']:.4f} | {fit} | {note} |")
+    lines += _recording_lines(doc.get("by_recording") or {})
     return "\n".join(lines) + "\n"
+
+
+def _recording_lines(by_recording: Mapping[str, Mapping], most: int = 20) -> list[str]:
+    """cv.md's table of wrong calls per source recording, the worst (by fused, then flow, rgb) first."""
+    if not by_recording:
+        return []
+    order = sorted(by_recording, key=lambda g: tuple(-by_recording[g]["wrong"][m] for m in ("fused", "flow", "rgb")))
+    lines = ["", "## Wrong calls by recording", "",
+             "Each video is tested in one fold; a recording whose calls go wrong together is where a model "
+             "does not carry over to new footage." + (f" The {most} worst of {len(order)}; all are in cv.json."
+                                                      if len(order) > most else ""),
+             "", "| recording | videos | violent | rgb | flow | fused |", "|---|---:|---:|---:|---:|---:|"]
+    for g in order[:most]:
+        r = by_recording[g]
+        lines.append(f"| {g} | {r['videos']} | {r['violent']} | " + " | ".join(str(r["wrong"][m]) for m in ("rgb", "flow", "fused"))
+                     + " |")
+    return lines
 
 
 # --- the main job -------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -246,7 +247,7 @@ def test_cross_validation_rounds_hold_out_whole_recordings(tmp_path, monkeypatch
 
     def fake_train(store_path, out, cfg, devices, on_event=None):
         trained.append(cfg.train.fold)
-        return fake_fold_training(store_path, out, cfg)
+        return fake_fold_training(store_path, out, cfg, noise=2.5)  # noisy enough for some wrong calls
 
     monkeypatch.setattr(pipeline, "train_run", fake_train)
     doc = cross_validate(store, folds=4, out=tmp_path / "cv", preset=CPU, inner_folds=0)
@@ -264,6 +265,18 @@ def test_cross_validation_rounds_hold_out_whole_recordings(tmp_path, monkeypatch
     assert doc["summary"]["fused"]["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
     assert json.loads((tmp_path / "cv" / "cv.json").read_text())["folds"] == 4
     assert "± " in (tmp_path / "cv" / "cv.md").read_text()
+    # Wrong calls add up per recording: each model's count matches its accuracy on the folds.
+    by_rec = doc["by_recording"]
+    assert sorted(by_rec) == [f"rec{i}" for i in range(8)]
+    assert all(r["videos"] == 5 and r["violent"] == 2 + int(g[3:]) % 2 for g, r in by_rec.items())
+    for m in ("rgb", "flow", "fused"):
+        per_fold = [round((1 - r[m]["accuracy"]) * r["n_test"]) for r in doc["rounds"]]
+        assert sum(r["wrong"][m] for r in by_rec.values()) == sum(per_fold) == sum(len(r["wrong"][m]) for r in doc["rounds"])
+        for g, r in by_rec.items():
+            assert r["wrong"][m] == sum(int(v[1:]) // 5 == int(g[3:]) for f in doc["rounds"] for v in f["wrong"][m])
+    md = (tmp_path / "cv" / "cv.md").read_text()
+    assert "## Wrong calls by recording" in md and len(re.findall(r"^\| rec\d \|", md, re.M)) == 8
+    assert sum(r["wrong"]["rgb"] for r in by_rec.values()) > 0
 
 
 def test_cross_validation_of_a_dataset_folder_indexes_and_extracts_it_first(tmp_path, monkeypatch):
