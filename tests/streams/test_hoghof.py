@@ -17,6 +17,7 @@ from streams.hoghof import (
     HogHof,
     frame_difference_features,
     hof_features,
+    motion_boundary_histograms,
     oriented_histograms,
     step_differences,
     temporal_bands,
@@ -27,7 +28,9 @@ GRID = 4
 HOF, CELLS = 8, GRID * GRID  # global orientation bins, sorted cell magnitudes
 MAG_HIST = HOF + CELLS  # first of the 9 magnitude-histogram bins
 STATS = MAG_HIST + 9  # mean, std, max, p90, std dx, std dy, |div|, |curl|, change
-FLOW_DIM = HOF + CELLS + MOTION_STATS
+DRIFT = STATS + 9  # mean dx, mean dy
+MBH = HOF + CELLS + MOTION_STATS  # first of the 2 x 8 motion boundary bins (MBHx, then MBHy)
+FLOW_DIM = MBH + 2 * HOF
 MEAN_CHANGE, MEAN_ACCEL, SPEED, ABRUPT, LIGHTING = (TEMPORAL_BANDS + i for i in (0, 3, 4, 5, 6))
 RGB_DIM = TEMPORAL_BANDS + CHANGE_STATS
 
@@ -101,8 +104,8 @@ class TestHof:
         assert down[[0, 3, 4, 5, 6, 7]].abs().sum() == 0
 
     def test_drift_follows_the_direction_of_motion(self):
-        right_down = hof_features(_uniform_flow(1, 2, 0.02, 0.01))[0, -3:-1]
-        left_up = hof_features(_uniform_flow(1, 2, -0.02, -0.01))[0, -3:-1]
+        right_down = hof_features(_uniform_flow(1, 2, 0.02, 0.01))[0, DRIFT:DRIFT + 2]
+        left_up = hof_features(_uniform_flow(1, 2, -0.02, -0.01))[0, DRIFT:DRIFT + 2]
         assert (right_down > 0).all()
         torch.testing.assert_close(left_up, -right_down)
 
@@ -141,6 +144,54 @@ class TestHof:
     def test_an_odd_channel_count_is_refused(self):
         with pytest.raises(ValueError, match="2L"):
             hof_features(torch.zeros(1, 3, 8, 8))
+
+
+class TestMotionBoundaries:
+    @staticmethod
+    def _square(shift: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+        """(1, 4, 16, 16): a square moving right by 0.05 in both fields, on a background moving by `shift`."""
+        flow = torch.zeros(1, 2, 2, 16, 16)
+        flow[:, :, 0] += shift[0]
+        flow[:, :, 1] += shift[1]
+        flow[:, :, 0, 5:11, 5:11] += 0.05
+        return flow.reshape(1, 4, 16, 16)
+
+    def test_a_motion_shared_by_the_whole_frame_has_no_boundaries(self):
+        pan = hof_features(_uniform_flow(1, 2, 0.03, -0.02))[0]
+        assert pan[:HOF].sum() > 0  # HOF sees the pan
+        assert pan[MBH:].abs().sum() == 0  # MBH does not
+
+    def test_camera_motion_added_to_an_action_leaves_its_boundaries_unchanged(self):
+        still, panning = hof_features(self._square())[0], hof_features(self._square((0.02, 0.01)))[0]
+        assert still[MBH:].sum() > 0
+        torch.testing.assert_close(panning[MBH:], still[MBH:])
+        assert not torch.allclose(panning[:HOF], still[:HOF])
+
+    def test_horizontal_motion_has_boundaries_in_its_dx_component_only(self):
+        feats = hof_features(self._square())[0]
+        mbh_x, mbh_y = feats[MBH:MBH + HOF], feats[MBH + HOF:]
+        assert (mbh_x > 0).all() and mbh_y.abs().sum() == 0  # the square's edges face every way
+
+    def test_a_boundary_votes_for_the_direction_its_flow_grows_in(self):
+        flow = torch.zeros(1, 2, 16, 16)
+        flow[:, 0, :, 8:] = 0.05  # the right half moves right: dx grows along +x (angle 0)
+        mbh_x = hof_features(flow)[0, MBH:MBH + HOF]
+        assert mbh_x[0] == pytest.approx(mbh_x[7].item()) and mbh_x[0] > 0  # bins 7 and 0 share angle 0
+        assert mbh_x[1:7].abs().sum() == 0
+
+    def test_magnitude_scales_the_votes(self):
+        weak = motion_boundary_histograms(*self._gradients(0.01))
+        strong = motion_boundary_histograms(*self._gradients(0.04))
+        torch.testing.assert_close(strong, 4 * weak)
+
+    @staticmethod
+    def _gradients(step: float):
+        u = torch.zeros(1, 1, 8, 8)
+        u[..., 4:] = step  # a vertical boundary in dx
+        zeros = torch.zeros(1, 1, 7, 7)
+        du_dx = (u[..., :, 1:] - u[..., :, :-1])[..., :-1, :]
+        du_dy = (u[..., 1:, :] - u[..., :-1, :])[..., :, :-1]
+        return (du_dx, du_dy), (zeros, zeros)
 
 
 def _waves(cycles: float, steps: int = 16, amplitude: float = 20 * GREY_LEVEL) -> torch.Tensor:
