@@ -181,12 +181,11 @@ def predict(
     and the command then exits 2.
     """
     from data.video import VideoReadError
-    from fusion.predict import Scorer, output_names, window_mismatch, write_outputs
+    from fusion.predict import Scorer, check_windows, output_names, window_mismatch, write_outputs
     from fusion.tta import check_tta
 
     check_tta(tta)
-    if window <= 0 or stride <= 0:
-        raise ValueError(f"--window and --stride must be positive seconds, got {window} and {stride}")
+    check_windows(window, stride)
     scorer = Scorer(model, tta, device)
     mismatch = window_mismatch(window, scorer.clip_seconds)
     if mismatch:

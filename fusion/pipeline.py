@@ -275,12 +275,17 @@ def run_groups(run_dir: str | Path, video_ids: Sequence[str] | None = None) -> d
 
     try:
         _, info = RunDir(Path(run_dir), STREAMS[0]).read_config()
-    except (FileNotFoundError, ValueError):  # no config, or one this version cannot read
+    except FileNotFoundError:  # a run made of prediction files only
+        return None
+    except ValueError as exc:
+        logger.warning("cannot read the recordings of %s (%s): fusion's folds hold out single videos", run_dir, exc)
         return None
     if not info.get("store"):
         return None
     store = Path(info["store"])
     if store.is_dir() or not store_exists(store):
+        logger.warning("the store %s the run was trained on is gone: its recordings are unknown, so fusion's "
+                       "folds hold out single videos", store)
         return None
     with Store(store) as s:
         ids = [v for v in (s.video_ids if video_ids is None else video_ids) if v in s]
@@ -460,14 +465,22 @@ def train_run(
 ) -> dict[str, str]:
     """Train whichever streams of `out` are unfinished, both at once; returns stream -> "trained"|"reused".
 
-    A stream with best.pt and both prediction files is reused; one with last.pt resumes; the
-    rest start fresh. Raises ValueError naming the log of a stream that failed.
+    A stream with best.pt and both prediction files is reused when it was trained with the same
+    settings (else ValueError: the folder holds another job); one with last.pt resumes; the rest
+    start fresh. Raises ValueError naming the log of a stream that failed.
     """
     from streams.launch import train_both, train_stream
+    from streams.rundir import RUNTIME_KEYS, RunDir, config_differences
 
     out = Path(out)
     todo = [s for s in STREAMS if not _stream_done(out, s)]
     status = {s: "reused" for s in STREAMS if s not in todo}
+    for s in status:
+        saved, _ = RunDir(out, s).read_config()
+        diff = config_differences(saved, cfg, RUNTIME_KEYS)
+        if diff:
+            raise ValueError(f"{out / s} was trained with other settings ({'; '.join(diff[:3])}"
+                             f"{'; ...' if len(diff) > 3 else ''}); choose another --out, or delete it to retrain")
     if not todo:
         return status
     resume = {s: (out / s / "last.pt").is_file() for s in todo}
@@ -760,6 +773,20 @@ def prepare_store(source: str | Path, out: Path, preset, groups: Path | None = N
     return store
 
 
+def _claim(out: Path, source: str) -> None:
+    """Record in OUT/job.json which dataset the job in `out` is of; refuse another dataset there,
+    whose steps would otherwise be taken for done (its manifest, store and streams reused)."""
+    path = out / "job.json"
+    try:
+        held = json.loads(path.read_text(encoding="utf-8")).get("source") if path.is_file() else None
+    except (ValueError, AttributeError):
+        held = None  # unreadable: rewritten below
+    if held is not None and held != source:
+        raise ValueError(f"{out} holds the job of {held}; choose another --out for {source}")
+    if held is None:
+        write_atomic(path, json.dumps({"source": source}, indent=2) + "\n")
+
+
 def run_job(
     data_dir: str | Path | None,
     out: str | Path,
@@ -772,8 +799,9 @@ def run_job(
 ) -> dict[str, Any]:
     """The whole job: index -> extract -> train both streams -> fuse -> evaluate.
 
-    Without `data_dir` the embedded synthetic dataset is generated into OUT/data. Every step
-    reuses what an earlier, interrupted run of the same command finished: the dataset, the
+    Without `data_dir` the embedded synthetic dataset is generated into OUT/data. OUT/job.json
+    names the dataset; another one in the same OUT is refused. Every step reuses what an earlier,
+    interrupted run of the same command finished: the dataset, the
     manifest (OUT/manifest.csv), the store (OUT/store.h5, which resumes per video), the cached
     features, each trained stream (best.pt + predictions) or its last checkpoint. `pretrained` /
     `weights` start the backbones from ImageNet weights (hub cache) or a file. Returns
@@ -790,6 +818,7 @@ def run_job(
     if data_dir is not None and not Path(data_dir).exists():
         raise FileNotFoundError(f"dataset {data_dir} does not exist")
     out.mkdir(parents=True, exist_ok=True)
+    _claim(out, "the embedded synthetic dataset" if data_dir is None else str(Path(data_dir).resolve()))
     steps: dict[str, dict] = {}
 
     def step(name: str, status: str, start: float) -> None:

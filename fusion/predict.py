@@ -27,6 +27,7 @@ import csv
 import io
 import json
 import logging
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -87,10 +88,15 @@ class VideoScore:
         return d
 
 
+def check_windows(window: float, stride: float) -> None:
+    """--window and --stride: finite positive seconds, else a one-line ValueError."""
+    if not (math.isfinite(window) and math.isfinite(stride) and window > 0 and stride > 0):
+        raise ValueError(f"--window and --stride must be positive seconds, got {window} and {stride}")
+
+
 def window_starts(duration: float, window: float, stride: float) -> list[tuple[float, float]]:
     """(start, end) of every window of a video lasting `duration` seconds (module docstring)."""
-    if window <= 0 or stride <= 0:
-        raise ValueError(f"--window and --stride must be positive seconds, got {window} and {stride}")
+    check_windows(window, stride)
     if duration <= window + _EPS:
         return [(0.0, duration)]
     count = int(np.floor((duration - window) / stride + _EPS)) + 1
@@ -233,8 +239,7 @@ class Scorer:
 
     def score(self, path: str | Path, window: float = 2.0, stride: float = 1.0, top_k: int = TOP_K) -> VideoScore:
         """Score one video; a missing, broken or too short video raises data.video.VideoReadError."""
-        if window <= 0 or stride <= 0:
-            raise ValueError(f"--window and --stride must be positive seconds, got {window} and {stride}")
+        check_windows(window, stride)
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
         fps = source_fps(path)

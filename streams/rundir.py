@@ -363,9 +363,15 @@ def load_stream_model(stream_dir: str | Path, which: str = "best", device: str |
         if not cfg.model.pretrained and cfg.model.weights_path is None and cfg.model.backbone != "hoghof":  # hoghof: no weights
             log.warning("%s: the backbone has no pretrained weights; it matches the cached features only "
                         "when the training run cached them itself", stream_dir)
-        model.head.load_state_dict(ckpt["model"])
-    else:
-        model.load_state_dict(ckpt["model"])
+    try:
+        (model.head if ckpt.get("module") == "head" else model).load_state_dict(ckpt["model"])
+    except RuntimeError as exc:  # shapes or names differ: the checkpoint is another version's model
+        first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else ""
+        raise ValueError(
+            f"{stream_dir / (which + '.pt')} does not fit the model this version builds from its config.toml "
+            f"(its {cfg.model.backbone} features or head changed since it was trained: {first[:120]}); "
+            "retrain the stream"
+        ) from None
     model.to(device).eval()
     meta = {k: ckpt.get(k) for k in ("stage", "module", "epoch", "step", "best", "metrics")}
     return model, cfg, {**meta, "run": info}

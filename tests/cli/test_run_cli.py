@@ -65,6 +65,15 @@ def test_run_end_to_end_then_resume(tmp_path, monkeypatch):
     assert "0 written, 24 reused" in res.output
     assert (out / "flow" / "best.pt").stat().st_mtime == mtime
 
+    # Other settings or another dataset in the same folder are refused, not taken for done.
+    (tmp_path / "elsewhere").mkdir()
+    for args, message in ((("--epochs", "5"), "trained with other settings (train.epochs (3 -> 5))"),
+                          ((tmp_path / "elsewhere",), "holds the job of the embedded synthetic dataset")):
+        res = _run("run", *args, "--out", out, "--preset", "cpu")
+        errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+        assert res.exit_code == 2 and len(errors) == 1 and message in errors[0], res.output
+    assert (out / "flow" / "best.pt").stat().st_mtime == mtime
+
 
 def test_run_with_a_missing_dataset(tmp_path):
     res = _run("run", tmp_path / "nowhere", "--out", tmp_path / "run", "--preset", "cpu")

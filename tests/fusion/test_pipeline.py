@@ -328,3 +328,16 @@ def test_a_run_whose_store_records_no_recordings_has_no_groups(trained, tmp_path
         rd.path.mkdir(parents=True)
         rd.write_config(cfg, info)
         assert run_groups(tmp_path / name) is None
+
+
+def test_a_run_whose_store_is_gone_says_fusion_cannot_hold_out_recordings(trained, tmp_path, caplog):
+    from fusion.pipeline import run_groups
+    from streams.rundir import RunDir
+
+    _, _, cfg = trained
+    rd = RunDir(tmp_path / "moved", "rgb")
+    rd.path.mkdir(parents=True)
+    rd.write_config(cfg, {"stream": "rgb", "store": str(tmp_path / "gone.h5")})
+    with caplog.at_level("WARNING", logger="fusion.pipeline"):
+        assert run_groups(tmp_path / "moved") is None
+    assert "gone.h5 the run was trained on is gone" in caplog.text and "single videos" in caplog.text

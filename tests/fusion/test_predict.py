@@ -84,9 +84,10 @@ def test_window_starts(duration, expected):
     assert np.allclose(got, expected) and len(got) == len(expected)
 
 
-def test_window_and_stride_must_be_positive():
-    with pytest.raises(ValueError, match="positive"):
-        window_starts(10.0, 0.0, 1.0)
+@pytest.mark.parametrize("window, stride", [(0.0, 1.0), (2.0, -1.0), (float("nan"), 1.0), (2.0, float("inf"))])
+def test_window_and_stride_must_be_finite_positive_seconds(window, stride):
+    with pytest.raises(ValueError, match="positive seconds"):
+        window_starts(10.0, window, stride)
 
 
 def test_long_video_gives_every_window_with_bounded_memory(tmp_path, scorer):

@@ -155,6 +155,17 @@ def test_a_stage_one_model_reloads_with_the_backbone_its_features_came_from(tmp_
     np.testing.assert_allclose(logits, saved.logits, atol=5e-3)
 
 
+def test_a_checkpoint_of_another_model_version_is_a_one_line_error(tmp_path, small_backbone):
+    store = make_data(tmp_path / "data", n=12, streams=())
+    run = train_stream(store, "rgb", tmp_path / "run", _small_config(stage="head"), "cpu")
+    ckpt = load_checkpoint(run / "best.pt")
+    ckpt["model"] = {k: torch.cat([v, v]) if v.ndim else v for k, v in ckpt["model"].items()}  # as if features grew
+    torch.save(ckpt, run / "best.pt")
+    with pytest.raises(ValueError, match=r"best\.pt does not fit the model this version builds .* retrain the stream") as err:
+        load_stream_model(run)
+    assert "\n" not in str(err.value)
+
+
 def test_hoghof_features_of_another_descriptor_version_are_not_reused_for_training(tmp_path, monkeypatch):
     import streams.launch as launch
 
