@@ -313,6 +313,9 @@ def fit_run(
     runs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(r) for r in run_dirs]
     if not runs:
         raise ValueError("fusion needs at least one run folder")
+    twice = [str(r) for i, r in enumerate(runs) if r.resolve() in {p.resolve() for p in runs[:i]}]
+    if twice:
+        raise ValueError(f"run folder {twice[0]} is given twice; an ensemble combines different runs")
     k = check_tta(tta)
     cfg = _fusion_config(goal, min_recall)
     if (fit_set is not None or test_set is not None) and len(runs) != 1:

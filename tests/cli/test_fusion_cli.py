@@ -36,6 +36,27 @@ def test_fuse_prints_the_comparison(tmp_path):
     assert (run / "fusion.json").is_file()
 
 
+def test_an_ensemble_of_one_run_given_twice_is_refused(tmp_path):
+    run = make_run(tmp_path / "run", _complementary)
+    _one_line_error(_run("fuse", run, tmp_path / "." / "run"), "is given twice")
+    assert not (run / "ensemble.json").exists()
+
+
+def test_opencv_and_ffmpeg_keep_quiet_beside_the_commands_own_errors(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("not a video")
+    probe = f"import cv2; cv2.VideoCapture({str(bad)!r})"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")}
+    loud = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    quiet = subprocess.run([sys.executable, "-c", "import cli; " + probe], capture_output=True, text=True, env=env)
+    assert "moov atom not found" in loud.stderr  # what a broken mp4 makes ffmpeg print
+    assert quiet.stderr == ""
+
+
 def test_fuse_reports_the_fallback(tmp_path):
     run = make_run(tmp_path / "run", _perfect_and_noise, n_val=30, n_test=40)
     res = _run("fuse", run)
