@@ -19,6 +19,7 @@ import os
 import queue as queue_mod
 import random
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -591,7 +592,7 @@ def train_both(store: str | Path, out: str | Path, cfg: RunConfig, devices: Sequ
     events = ctx.Queue()
     procs = {}
     for stream, device in zip(STREAMS, devices, strict=True):
-        args = (str(store), stream, str(out), cfg.to_dict(), device, resume, events)
+        args = (str(store), stream, str(out), cfg.to_dict(), device, resume, events, os.getpid())
         procs[stream] = ctx.Process(target=_child, args=args, name=f"twostream-train-{stream}", daemon=False)
         procs[stream].start()
     errors: dict[str, str] = {}
@@ -633,8 +634,9 @@ def _drain(events, errors: dict, on_event: Event | None, timeout: float) -> None
             on_event(event)
 
 
-def _child(store: str, stream: str, out: str, cfg: dict, device: str, resume: bool, events) -> None:
-    """One stream's process: everything it prints or logs goes to RUN/<stream>/train.log."""
+def _child(store: str, stream: str, out: str, cfg: dict, device: str, resume: bool, events, parent: int) -> None:
+    """One stream's process: everything it prints or logs goes to RUN/<stream>/train.log; it stops
+    when `parent` (the process that started it) is gone."""
     run = RunDir(out, stream)
     run.path.mkdir(parents=True, exist_ok=True)
     fh = open(run.log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
@@ -642,6 +644,7 @@ def _child(store: str, stream: str, out: str, cfg: dict, device: str, resume: bo
     os.dup2(fh.fileno(), 2)
     sys.stdout = sys.stderr = fh
     logging.basicConfig(level=logging.WARNING, stream=fh, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _exit_with_parent(parent)
     last = [0.0]
 
     def send(event: dict) -> None:
@@ -663,6 +666,36 @@ def _child(store: str, stream: str, out: str, cfg: dict, device: str, resume: bo
         sys.exit(1)
     events.close()
     events.join_thread()
+
+
+def _exit_with_parent(parent: int, poll: float = 1.0) -> threading.Thread:
+    """Stop this process soon after `parent` is gone (killed with -9: no signal reaches us), so no
+    orphan goes on writing the run while a rerun trains into it; its last checkpoint stays.
+
+    A direct child watches for being handed to another parent; one started through a server
+    process (forkserver) checks that `parent` is still alive."""
+    direct = os.getppid() == parent
+
+    def alive() -> bool:
+        if direct:
+            return os.getppid() == parent
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, owned by someone else
+            return True
+        return True
+
+    def watch() -> None:
+        while alive():
+            time.sleep(poll)
+        logging.getLogger(__name__).error("the parent process %d is gone: stopping (rerun to resume)", parent)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="twostream-parent-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def _plain(event: dict) -> dict:

@@ -155,6 +155,38 @@ def test_a_stage_one_model_reloads_with_the_backbone_its_features_came_from(tmp_
     np.testing.assert_allclose(logits, saved.logits, atol=5e-3)
 
 
+def test_a_training_process_stops_when_its_parent_is_killed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = ("import os, sys, time; from streams.launch import _exit_with_parent; "
+             "_exit_with_parent(int(sys.argv[1]), 0.05); print('watching', flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, subprocess, sys, time; "
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())], stdout=subprocess.PIPE, text=True); "
+        "print(p.pid, p.stdout.readline().strip(), flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    pid, state = parent.stdout.readline().split()
+    pid = int(pid)
+    assert state == "watching"
+    os.kill(parent.pid, signal.SIGKILL)  # as `kill -9` of the command: no signal reaches the child
+    parent.wait()
+
+    def running() -> bool:
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        return state not in ("Z", "X")  # a zombie has exited; only its parent's reaping is left
+
+    deadline = time.monotonic() + 10
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running()
+
+
 def test_a_checkpoint_of_another_model_version_is_a_one_line_error(tmp_path, small_backbone):
     store = make_data(tmp_path / "data", n=12, streams=())
     run = train_stream(store, "rgb", tmp_path / "run", _small_config(stage="head"), "cpu")
