@@ -56,6 +56,8 @@ _SUMMARY_KEYS = ("threshold", "accuracy", "macro_f1", "roc_auc", "log_loss")
 def check_run(run_dir: str | Path, streams: Sequence[str] = STREAMS) -> Path:
     """The run folder, or a one-line error naming the first stream that has no predictions."""
     run = Path(run_dir)
+    if run.is_file():
+        raise NotADirectoryError(f"{run} is a file, not a run folder (made by `twostream train` or `run`)")
     if not run.is_dir():
         raise FileNotFoundError(f"run folder {run} does not exist")
     for stream in streams:
@@ -188,6 +190,8 @@ def run_predictions(
 
 
 def _fusion_config(goal: str, min_recall: float | None) -> FusionConfig:
+    if min_recall is not None and not 0.0 < min_recall <= 1.0:  # NaN fails too
+        raise ValueError(f"--min-recall must be in (0, 1], e.g. 0.95; got {min_recall}")
     if min_recall is not None:
         goal = "recall"  # a recall floor is a goal of its own
     return FusionConfig(goal=goal, min_recall=min_recall)

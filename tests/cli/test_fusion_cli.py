@@ -36,6 +36,18 @@ def test_fuse_prints_the_comparison(tmp_path):
     assert (run / "fusion.json").is_file()
 
 
+@pytest.mark.parametrize("value", ["1.5", "0", "nan"])
+def test_min_recall_out_of_range_names_the_option(tmp_path, value):
+    run = make_run(tmp_path / "run", _complementary)
+    _one_line_error(_run("fuse", run, "--min-recall", value), "--min-recall must be in (0, 1]")
+
+
+def test_a_file_given_as_the_run_folder(tmp_path):
+    path = tmp_path / "fusion.json"
+    path.write_text("{}")
+    _one_line_error(_run("fuse", path), "is a file, not a run folder")
+
+
 def test_an_ensemble_of_one_run_given_twice_is_refused(tmp_path):
     run = make_run(tmp_path / "run", _complementary)
     _one_line_error(_run("fuse", run, tmp_path / "." / "run"), "is given twice")
