@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
 import typer
 
 from cli.console import err, out, table
-from cli.errors import user_errors
+from cli.errors import non_negative, user_errors
 
 IMBALANCE_WARNING = 3.0  # majority:minority ratio above which the summary warns
 
@@ -32,15 +33,28 @@ def index(
     from data.manifest import write_manifest
     from data.splits import assign_splits
 
+    non_negative("--seed", seed)
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist")
     if not output.parent.resolve().is_dir():
         raise ValueError(f"output folder {output.parent} does not exist")
+    for option, given in (("the input CSV", source), ("the --groups file", groups)):
+        if given is not None and given.is_file() and _same_file(output, given):
+            raise ValueError(f"--output {output} is {option}; writing the manifest there would overwrite it: "
+                             "choose another output path")
     rows = index_dataset(source, groups_file=groups)
     rows = assign_splits(rows, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     write_manifest(rows, output)
     layout = detect_layout(source) if source.is_dir() else "csv"
     print_manifest_summary(rows, f"{len(rows)} videos indexed from {source} ({layout}) -> {output}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether paths `a` and `b` name one file (through links or different spellings)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # `a` does not exist yet
+        return a.resolve() == b.resolve()
 
 
 def print_manifest_summary(rows, title: str) -> None:
@@ -67,6 +81,7 @@ def synth(
     """Generate the embedded synthetic dataset (real video files, Violence/NonViolence + groups.csv)."""
     from data.synthetic import SyntheticSpec, generate_dataset
 
+    non_negative("--seed", seed)
     if not output.parent.resolve().is_dir():
         raise ValueError(f"output folder {output.parent} does not exist")
     generate_dataset(output, SyntheticSpec(videos=videos, seed=seed))

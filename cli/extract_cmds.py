@@ -155,23 +155,39 @@ def merge(
 @user_errors
 def info(store: Path = typer.Argument(..., help="Store file.")) -> None:
     """Summarise a store and check every video; exit 1 when anything is corrupt."""
-    from data.store import Store, require_store
+    from data.store import CorruptStoreError, Store, require_store
 
     require_store(store)
     with Store(store) as s:
-        counts = Counter((s.attrs(v).get("split", "") or "-", s.label(v)) for v in s.video_ids)
+        try:
+            ids = s.video_ids
+        except CorruptStoreError as exc:  # damaged where the video list lives: nothing more to check
+            err.print(f"[red]corrupt:[/] {exc}")
+            raise fail(f"1 problem(s) found in {store}", code=1) from None
+        summary = {}  # video id -> (split, label, frames); a video that does not read is left to validate
+        for v in ids:
+            try:
+                summary[v] = (s.attrs(v).get("split", "") or "-", s.label(v), s.num_frames(v))
+            except ValueError:  # damaged (CorruptStoreError), no rgb, no label: validate reports it
+                continue
+        counts = Counter((split, label) for split, label, _ in summary.values())
         splits = sorted({k for k, _ in counts})
         rows = [[k, counts[(k, 1)], counts[(k, 0)]] for k in splits]
-        out.print(table(f"{store}: {len(s)} videos", ["split", "violent", "non-violent"], rows))
-        frames = [s.num_frames(v) for v in s.video_ids]
+        unreadable = f" ({len(s) - len(summary)} unreadable)" if len(summary) < len(s) else ""
+        out.print(table(f"{store}: {len(s)} videos{unreadable}", ["split", "violent", "non-violent"], rows))
+        frames = [n for _, _, n in summary.values()]
         root = s.root_attrs
+        try:
+            flow_bytes = s.flow_bytes_per_field(list(summary))
+        except (ValueError, KeyError):  # a flow dataset missing or damaged: validate says which
+            flow_bytes = None
         body = [
             ["frames per video", f"min {min(frames, default=0)}, mean {sum(frames) / max(1, len(frames)):.1f}, max {max(frames, default=0)}"],
             ["flow", f"{root.get('flow_method', '?')} ({root.get('flow_backend', '?')}), codec {root.get('flow_codec', '?')}, bound {root.get('flow_bound', '?')}"],
             ["flow parameters", root.get("flow_params", "?")],
             ["sampling", root.get("sampling", "?")],
             ["size on disk", f"{s.disk_bytes() / 1e6:.2f} MB"],
-            ["bytes per flow field", f"{s.flow_bytes_per_field():.0f}"],
+            ["bytes per flow field", f"{flow_bytes:.0f}" if flow_bytes is not None else "? (unreadable videos)"],
             ["schema version", root.get("schema_version", "?")],
         ]
         out.print(table("store", ["", ""], body))

@@ -18,7 +18,7 @@ from rich.progress import (
 
 from cli.choices import PRETRAINED_HELP, WEIGHTS_HELP, Backbone
 from cli.console import err, out, table
-from cli.errors import user_errors
+from cli.errors import non_negative, user_errors
 
 
 class Stream(str, Enum):
@@ -56,6 +56,7 @@ def features(
 
     if workers < 0:
         raise ValueError(f"--workers must be >= 0, got {workers}")
+    non_negative("--seed", seed)
     cfg = ClipConfig(steps=steps, flow_stack=flow_stack, size=size)
     bar = Progress(
         TextColumn(f"[bold]features {stream.value}/{backbone.value}"), BarColumn(), MofNCompleteColumn(),

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from cli.choices import PRETRAINED_HELP, WEIGHTS_HELP, Backbone, Head
 from cli.console import err, out, table
-from cli.errors import fail, user_errors
+from cli.errors import fail, non_negative, user_errors
 
 
 class StreamChoice(str, Enum):
@@ -100,6 +100,7 @@ def train(
 
     if fold is not None and split is not None:
         raise ValueError("give either --fold or --split, not both")
+    non_negative("--seed", seed)
     first_epochs = epochs
     overrides = {
         "train": {"stage": stage, "epochs": first_epochs, "finetune_epochs": finetune_epochs or epochs,
@@ -125,16 +126,20 @@ def train(
     if stream != StreamChoice.both:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and devices is not None and "," not in devices:
             parse_devices(devices, 1)
-        with Live(board.render(), console=err, refresh_per_second=4, transient=False) if show else _Null() as live:
-            def on_event(event: dict) -> None:
-                board.update({**event, "stream": streams[0]})
-                if show:
-                    live.update(board.render())
+        try:
+            with Live(board.render(), console=err, refresh_per_second=4, transient=False) if show else _Null() as live:
+                def on_event(event: dict) -> None:
+                    board.update({**event, "stream": streams[0]})
+                    if show:
+                        live.update(board.render())
 
-            try:
-                path = train_stream(store, streams[0], out, cfg, devices or "auto", resume, on_event)
-            except NonFiniteLossError as exc:
-                raise fail(str(exc), code=1) from None
+                try:
+                    path = train_stream(store, streams[0], out, cfg, devices or "auto", resume, on_event)
+                except NonFiniteLossError as exc:
+                    raise fail(str(exc), code=1) from None
+        finally:
+            if show and not err.is_terminal:
+                err.line()  # Live ends its last line only on a terminal; an `error:` line must start a line
         if show:
             _summary([(streams[0], True, path, None)], cfg.train.metric, out)
         return

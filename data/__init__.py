@@ -34,6 +34,8 @@ _EXPORTS = {
     "write_index": "data.shards",
     "recode_rgb": "data.shards",
     "MissingVideoError": "data.store",
+    "MissingDatasetError": "data.store",
+    "CorruptStoreError": "data.store",
     "encode": "data.flowcodec",
     "decode": "data.flowcodec",
     "get_codec": "data.flowcodec",

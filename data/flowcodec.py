@@ -77,7 +77,8 @@ def _payloads(items: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def _imdecode(buf: np.ndarray, flags: int) -> np.ndarray:
-    img = cv2.imdecode(buf, flags)
+    # OpenCV asserts (cv2.error) on an empty buffer, e.g. a payload lost to a damaged file.
+    img = cv2.imdecode(buf, flags) if buf.size else None
     if img is None:
         raise ValueError("corrupt flow payload: the image does not decode")
     return img

@@ -62,10 +62,16 @@ def encode_rgb(rgb: np.ndarray, threads: int = 1) -> np.ndarray:
     return object_array([payload for part in parts for payload in part])
 
 
+def _jpeg_decode(payload: np.ndarray) -> np.ndarray | None:
+    """One JPEG payload as (H, W, 3) RGB; None when it does not decode (OpenCV asserts on empty)."""
+    buf = np.asarray(payload, np.uint8)
+    # IMREAD_COLOR_RGB has libjpeg emit RGB directly: no BGR image to reorder afterwards.
+    return cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB) if buf.size else None
+
+
 def _jpeg_decode_into(payloads: Sequence[np.ndarray], out: np.ndarray, rows: Iterable[int]) -> None:
     for i in rows:
-        # IMREAD_COLOR_RGB has libjpeg emit RGB directly: no BGR image to reorder afterwards.
-        img = cv2.imdecode(np.asarray(payloads[i], np.uint8), cv2.IMREAD_COLOR_RGB)
+        img = _jpeg_decode(payloads[i])
         if img is None or img.shape != out.shape[1:]:
             raise ValueError(
                 "corrupt rgb payload: the JPEG does not decode to the video's frame size"
@@ -92,7 +98,7 @@ def decode_rgb(payloads: Sequence[np.ndarray], threads: int = 1) -> np.ndarray:
     """Decode JPEG payloads of one video. Shape: (N,) -> (N, H, W, 3) uint8 RGB."""
     if len(payloads) == 0:
         raise ValueError("decode_rgb needs at least one payload (the frame size comes from it)")
-    first = cv2.imdecode(np.asarray(payloads[0], np.uint8), cv2.IMREAD_COLOR_RGB)
+    first = _jpeg_decode(payloads[0])
     if first is None:
         raise ValueError("corrupt rgb payload: the JPEG does not decode")
     out = np.empty((len(payloads), *first.shape), np.uint8)

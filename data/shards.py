@@ -59,8 +59,10 @@ def _check_output(inputs: Sequence[Path], output: Path, overwrite: bool) -> None
         raise ValueError(f"output {output} is also an input")
     if not output.parent.is_dir():
         raise FileNotFoundError(f"{output.parent}: no such directory for the output")
-    if not overwrite and (output.exists() or parts_dir(output).exists()):
-        raise ValueError(f"{output} already exists (choose another path or overwrite)")
+    if not overwrite:
+        taken = output if output.exists() else parts_dir(output) if parts_dir(output).exists() else None
+        if taken is not None:
+            raise ValueError(f"{taken} already exists; choose another output path or delete {taken} first")
 
 
 def _clear_parts(output: Path) -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -100,6 +101,30 @@ class MissingVideoError(KeyError, ValueError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class MissingDatasetError(MissingVideoError):
+    """A listed video without the dataset asked for (e.g. no flow); a KeyError and a ValueError."""
+
+
+class CorruptStoreError(ValueError):
+    """Part of a store that h5py cannot open or read: the file is damaged. One line naming both."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+# What h5py raises for a damaged file: KeyError (an object header it cannot open), OSError (data
+# it cannot read), RuntimeError (a link table it cannot iterate).
+_H5_ERRORS = (KeyError, OSError, RuntimeError)
+
+
+def _h5_reason(err: BaseException) -> str:
+    """HDF5's own words, e.g. 'bad object header version number', without h5py's wrapping."""
+    text = str(err.args[0]) if err.args else type(err).__name__
+    inner = re.search(r"\(([^()]*)\)\s*$", text)
+    return inner.group(1) if inner else text
 
 
 # --- paths -------------------------------------------------------------------------------------
@@ -610,6 +635,36 @@ class Store:
         except OSError as err:
             raise ValueError(f"{path} is not a readable HDF5 store ({err})") from None
 
+    def _list_videos(self, path: Path, f: h5py.File) -> list[str]:
+        """The video ids of one store file; ValueError for an HDF5 file that is not a store."""
+        try:
+            if "feature_dim" in f.attrs and "backbone" in f.attrs:
+                source = f.attrs.get("store")
+                source = f" ({plain(source)})" if source is not None else ""
+                raise ValueError(
+                    f"{path} is a feature cache (written by `twostream features` or training), "
+                    f"not a twostream store; pass the store it was made from{source}"
+                )
+            if "videos" not in f:
+                return []
+            ids = list(f["videos"].keys())
+            if ids:
+                try:
+                    first = f["videos"][ids[0]]
+                except _H5_ERRORS:
+                    return ids  # a damaged video: reported by validate and by any read of it
+                if isinstance(first, h5py.Group) and "rgb" not in first and "flow" not in first:
+                    kind = "a feature cache" if "features" in first else "an HDF5 file without rgb or flow"
+                    raise ValueError(
+                        f"{path} is not a twostream store ({kind}); make one with `twostream extract`"
+                    )
+            return ids
+        except _H5_ERRORS as err:
+            raise CorruptStoreError(
+                f"store {path}: cannot list its videos ({_h5_reason(err)}); the file is damaged",
+                _h5_reason(err),
+            ) from None
+
     def _scan(self) -> dict[str, Path]:
         if self._catalogue is not None:
             return self._catalogue
@@ -619,7 +674,13 @@ class Store:
         mains = [self.path]
         if self.path.is_file():
             f = self._open_store_file(self.path)
-            self._root = get_attrs(f)
+            try:
+                self._root = get_attrs(f)
+            except _H5_ERRORS as err:
+                raise CorruptStoreError(
+                    f"store {self.path}: its attributes are unreadable ({_h5_reason(err)}); "
+                    "the file is damaged", _h5_reason(err)
+                ) from None
             if self._root.get("store_kind") == "index":
                 files.append(self.path)
                 mains = [(self.path.parent / s) for s in self._root.get("shards", [])]
@@ -628,7 +689,7 @@ class Store:
             if main.is_file():
                 files.append(main)
                 f = self._open_store_file(main)
-                shard.update(dict.fromkeys(f["videos"].keys() if "videos" in f else (), main))
+                shard.update(dict.fromkeys(self._list_videos(main, f), main))
             elif main != self.path:
                 problems.append(f"{main}: shard file missing")
             parts = _committed_parts(parts_dir(main))
@@ -644,7 +705,11 @@ class Store:
         return self._catalogue
 
     def group(self, video_id: str, member: str = "") -> h5py.Group | h5py.Dataset:
-        """The video's group, or its dataset `member` (one path lookup: cheaper than two)."""
+        """The video's group, or its dataset `member` (one path lookup: cheaper than two).
+
+        MissingVideoError for an id the store lacks, MissingDatasetError for a missing `member`,
+        CorruptStoreError (one line naming the store and the video) for one h5py cannot open.
+        """
         where = self._scan().get(video_id)
         if where is None:
             raise MissingVideoError(f"video {video_id!r} is not in {self.path}")
@@ -660,7 +725,34 @@ class Store:
             where = self._scan().get(video_id)
             if where is None:
                 raise MissingVideoError(f"video {video_id!r} is not in {self.path}") from None
-            return self._file(where)[path]
+            try:
+                return self._file(where)[path]
+            except _H5_ERRORS as err:
+                raise self._lookup_error(where, video_id, member, err) from None
+        except _H5_ERRORS as err:
+            raise self._lookup_error(where, video_id, member, err) from None
+
+    def _lookup_error(self, where: Path, video_id: str, member: str, err: BaseException) -> Exception:
+        """Why `videos/<video_id>/<member>` did not open: a missing dataset, or a damaged file."""
+        if member:
+            try:
+                group = self._file(where)[f"videos/{video_id}"]
+                missing = member not in group
+            except _H5_ERRORS:
+                missing = False
+            if missing:
+                return MissingDatasetError(f"video {video_id!r} in {self.path} has no {member!r} dataset")
+        return self._damaged(video_id, err, where)
+
+    def _damaged(self, video_id: str, err: BaseException, where: Path | None = None, what: str = "") -> CorruptStoreError:
+        reason = _h5_reason(err)
+        inside = f" (in {where})" if where is not None and where != self.path else ""
+        what = f" {what}" if what else ""
+        return CorruptStoreError(
+            f"store {self.path}: video {video_id!r}{inside}{what} is unreadable ({reason}); the file "
+            "is damaged: re-extract the store or restore a copy",
+            reason,
+        )
 
     @property
     def video_ids(self) -> list[str]:
@@ -678,19 +770,28 @@ class Store:
         return dict(self._root)
 
     def attrs(self, video_id: str) -> dict:
-        return get_attrs(self.group(video_id))
+        group = self.group(video_id)
+        try:
+            return get_attrs(group)
+        except _H5_ERRORS as err:
+            raise self._damaged(video_id, err, what="attributes") from None
 
     def _meta(self, video_id: str) -> _VideoMeta:
         meta = self._metas.get(video_id)
         if meta is None:
             group = self.group(video_id)
-            attrs = group.attrs
-            codec, bound, label = (attrs.get(k) for k in ("flow_codec", "flow_bound", "label"))
+            num_frames = int(self.group(video_id, "rgb").shape[0])
+            try:
+                attrs = group.attrs
+                codec, bound, label = (attrs.get(k) for k in ("flow_codec", "flow_bound", "label"))
+                rgb_codec = attrs.get("rgb_codec", "raw")  # written before the attr: raw
+            except _H5_ERRORS as err:
+                raise self._damaged(video_id, err, what="attributes") from None
             meta = self._metas[video_id] = _VideoMeta(
-                rgb_codec=plain(attrs.get("rgb_codec", "raw")),  # written before the attr: raw
+                rgb_codec=plain(rgb_codec),
                 flow_codec=None if codec is None else plain(codec),
                 flow_bound=None if bound is None else float(bound),
-                num_frames=int(group["rgb"].shape[0]),
+                num_frames=num_frames,
                 label=None if label is None else int(label),
             )
         return meta
@@ -732,14 +833,14 @@ class Store:
         ds = self.group(video_id, "rgb")
         sel = _select(ds.shape[0], index)
         if meta.rgb_codec == "raw":
-            return _hand_back(_read_array(ds, sel), sel)
+            return _hand_back(self._read(video_id, "rgb", _read_array, ds, sel), sel)
         if meta.rgb_codec != "jpeg":
             raise ValueError(f"video {video_id!r} has unknown rgb codec {meta.rgb_codec!r}")
         if sel.count == 0:
             h, w = self.frame_size(video_id) if ds.shape[0] else (0, 0)
             return np.zeros((0, h, w, 3), np.uint8)
         threads = self.threads or default_decode_threads()
-        return _hand_back(decode_rgb(_read_payloads(ds, sel), threads), sel)
+        return _hand_back(decode_rgb(self._read(video_id, "rgb", _read_payloads, ds, sel), threads), sel)
 
     def flow(self, video_id: str, index: object = slice(None)) -> np.ndarray:
         """Decoded flow fields of a video. Shape: (t, H, W, 2) float32 px ((H, W, 2) for an int)."""
@@ -751,8 +852,15 @@ class Store:
         if meta.flow_codec is None:
             raise ValueError(f"video {video_id!r} in {self.path} has no flow_codec attr")
         codec = get_codec(meta.flow_codec)
-        rows = _read_payloads(ds, sel) if codec.stream else _read_array(ds, sel)
+        rows = self._read(video_id, "flow", _read_payloads if codec.stream else _read_array, ds, sel)
         return _hand_back(decode(rows, codec, self.flow_bound(video_id)), sel)
+
+    def _read(self, video_id: str, name: str, read, ds: h5py.Dataset, sel: _Selection) -> np.ndarray:
+        """`read(ds, sel)`, with h5py's failure to read a damaged file as a one-line CorruptStoreError."""
+        try:
+            return read(ds, sel)
+        except (OSError, RuntimeError) as err:
+            raise self._damaged(video_id, err, what=f"{name} data") from None
 
     # -- checks and sizes
 
@@ -774,18 +882,21 @@ class Store:
         for video_id in catalogue:
             try:
                 problems.extend(f"{video_id}: {p}" for p in self._check_video(video_id))
+            except CorruptStoreError as err:
+                problems.append(f"{video_id}: unreadable ({err.reason})")
             except Exception as err:  # any failure to read is a finding, not a crash
-                problems.append(f"{video_id}: unreadable ({type(err).__name__}: {err})")
+                text = str(err).strip().splitlines()
+                problems.append(f"{video_id}: unreadable ({type(err).__name__}: {text[0] if text else ''})")
         return problems
 
     def _check_video(self, video_id: str) -> list[str]:
         group = self.group(video_id)
-        attrs = get_attrs(group)
+        attrs = self.attrs(video_id)
         expected = [k for k in REQUIRED_ATTRS + STORE_ATTRS if k not in _OPTIONAL_STORE_ATTRS]
         problems = [f"missing attr {k!r}" for k in expected if k not in attrs]
         if "rgb" not in group or "flow" not in group:
             return problems + ["missing rgb or flow dataset"]
-        rgb, flow = group["rgb"], group["flow"]
+        rgb, flow = self.group(video_id, "rgb"), self.group(video_id, "flow")
         codec = attrs.get("rgb_codec", "raw")
         if codec not in RGB_CODECS:
             return problems + [f"unknown rgb codec {codec!r}"]
@@ -823,11 +934,11 @@ class Store:
         self._scan()
         return sum(p.stat().st_size for p in self._files if p.exists())
 
-    def flow_bytes_per_field(self) -> float:
-        """Mean stored bytes per flow field (encoded payloads plus HDF5 chunk storage)."""
+    def flow_bytes_per_field(self, video_ids: list[str] | None = None) -> float:
+        """Mean stored bytes per flow field (encoded payloads plus HDF5 chunk storage) of
+        `video_ids` (default: every video)."""
         nbytes = fields = 0
-        for video_id in self._scan():
-            group = self.group(video_id)
-            nbytes += int(group.attrs.get("flow_nbytes", 0))
-            fields += int(group["flow"].shape[0])
+        for video_id in self._scan() if video_ids is None else video_ids:
+            nbytes += int(self.attrs(video_id).get("flow_nbytes", 0))
+            fields += int(self.group(video_id, "flow").shape[0])
         return nbytes / fields if fields else 0.0

@@ -480,7 +480,9 @@ def generate_dataset(
         raise ValueError(f"{out} is a file, not a folder")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise ValueError(f"{out} is not empty; choose an empty folder or pass overwrite")
+            raise ValueError(
+                f"{out} is not empty; choose a new or empty folder, or delete {out} first"
+            )
         for name in CLASS_FOLDERS.values():
             shutil.rmtree(out / name, ignore_errors=True)
         (out / "groups.csv").unlink(missing_ok=True)

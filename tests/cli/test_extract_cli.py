@@ -1,3 +1,6 @@
+import errno
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +100,83 @@ def test_info_reports_corruption(tmp_path, manifest):
 def test_info_on_missing_store(tmp_path):
     res = _run("info", tmp_path / "none.h5")
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def _one_error_line(res) -> str:
+    assert "Traceback" not in res.output, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.output
+    return errors[0]
+
+
+def _damage_header(path, name: str) -> None:
+    """Zero the start of the object header of `name` (h5py: 'bad object header version number')."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        addr = h5py.h5o.get_info(f[name].id).addr
+    with open(path, "r+b") as fh:
+        fh.seek(addr)
+        fh.write(b"\0" * 8)
+
+
+def test_info_reports_a_damaged_video_header(tmp_path):
+    from tests.data.test_store import write_videos
+
+    store = tmp_path / "s.h5"
+    write_videos(store, [0, 1, 2])
+    _damage_header(store, "videos/v1")
+    res = _run("info", store)
+    assert res.exit_code == 1, res.output
+    text = " ".join(res.output.split())  # rich wraps long lines
+    assert "corrupt: v1: unreadable (bad object header version number)" in text
+    assert "3 videos (1 unreadable)" in text
+    assert _one_error_line(res) == f"error: 1 problem(s) found in {store}"
+
+
+def test_info_reports_a_damaged_video_list(tmp_path):
+    from tests.data.test_store import write_videos
+
+    store = tmp_path / "s.h5"
+    write_videos(store, [0, 1])
+    _damage_header(store, "videos")
+    res = _run("info", store)
+    assert res.exit_code == 1, res.output
+    assert "cannot list its videos" in " ".join(res.output.split())  # rich wraps long lines
+    _one_error_line(res)
+
+
+def test_merge_into_an_existing_file_says_what_to_do(tmp_path):
+    from tests.data.test_store import write_videos
+
+    shard, existing = tmp_path / "a.h5", tmp_path / "b.h5"
+    write_videos(shard, [0])
+    existing.write_bytes(b"keep me")
+    res = _run("merge", shard, "-o", existing)
+    assert res.exit_code == 2
+    line = _one_error_line(res)
+    assert "already exists" in line and "choose another output path or delete" in line
+    assert "overwrite" not in line
+    assert existing.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize(
+    "code, reason",
+    [(errno.EROFS, "read-only file system"), (errno.ENOSPC, "no space left on device"),
+     (errno.EDQUOT, "disk quota exceeded")],
+)
+def test_disk_refusing_writes_is_one_line(tmp_path, monkeypatch, code, reason):
+    import data.shards
+    from tests.data.test_store import write_videos
+
+    shard = tmp_path / "a.h5"
+    write_videos(shard, [0])
+    target = tmp_path / "all.h5"
+
+    def refuse(inputs, output, **kwargs):
+        raise OSError(code, os.strerror(code), str(output))
+
+    monkeypatch.setattr(data.shards, "merge", refuse)
+    res = _run("merge", shard, "-o", target)
+    assert res.exit_code == 2
+    assert _one_error_line(res) == f"error: cannot write {target}: {reason}"

@@ -85,6 +85,7 @@ def test_store_without_the_stream(store):
         (["--steps", "0"], "steps"),
         (["--size", "8"], "size"),
         (["--workers", "-1"], "workers"),
+        (["--seed", "-1"], "--seed must be a non-negative integer"),
     ],
 )
 def test_bad_options(store, extra, message):
@@ -94,3 +95,15 @@ def test_bad_options(store, extra, message):
 def test_unknown_stream_is_refused(store):
     res = _run("features", store, "--stream", "depth")
     assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("command", [["info"], ["train", "--stream", "rgb", "--out", "RUN"],
+                                     ["train", "--stream", "both", "--out", "RUN"], ["cv", "--out", "RUN"]])
+def test_feature_cache_passed_as_a_store(store, tmp_path, command):
+    """The file `features` writes beside a store is refused in one line that says what it is."""
+    assert _run("features", store, "--stream", "rgb", "--steps", "3", "--size", "16", "--device", "cpu").exit_code == 0
+    cache = features_path(store, "rgb", "vgg19")
+    args = [str(tmp_path / "run") if a == "RUN" else a for a in command]
+    res = _run(args[0], cache, *args[1:])
+    _assert_one_line_error(res, f"{cache} is a feature cache", "not a twostream store", str(store))
+    assert not (tmp_path / "run" / "rgb" / "best.pt").exists()

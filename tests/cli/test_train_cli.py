@@ -110,3 +110,10 @@ def test_missing_store_names_the_command_that_makes_it(tmp_path, config):
     result = _train(tmp_path / "none.h5", tmp_path / "run", config, "--stream", "flow")
     assert result.exit_code == 2
     assert "twostream extract" in result.output and "Traceback" not in result.output
+
+
+def test_negative_seed_names_the_option(tmp_path, config):
+    store = make_data(tmp_path / "data", n=8, streams=("rgb",))
+    result = _train(store, tmp_path / "run", config, "--stream", "rgb", "--seed", "-5")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "error: --seed must be a non-negative integer, got -5" in result.output.splitlines()

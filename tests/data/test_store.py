@@ -19,6 +19,7 @@ from data.store import (
     REQUIRED_ATTRS,
     SCHEMA_VERSION,
     STORE_ATTRS,
+    CorruptStoreError,
     Store,
     StoreWriter,
     require_store,
@@ -774,3 +775,100 @@ def test_forked_reader_reopens_files(tmp_path):
         os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(r, 1) == b"1"
+
+
+# --- damaged files and files that are not stores ----------------------------------------------
+
+
+def _damage_header(path: Path, name: str) -> None:
+    """Overwrite the first bytes of the object header of `name` (found through h5py's low-level
+    API): h5py then fails to open it with KeyError('... bad object header version number')."""
+    with h5py.File(path, "r") as f:
+        addr = h5py.h5o.get_info(f[name].id).addr
+    with open(path, "r+b") as fh:
+        fh.seek(addr)
+        fh.write(b"\0" * 8)
+
+
+@pytest.mark.parametrize("video", ["v0", "v1"])  # v0: the one the catalogue scan looks at
+def test_damaged_video_header_is_a_one_line_error(tmp_path, video):
+    path = tmp_path / "s.h5"
+    write_videos(path, [0, 1, 2])
+    _damage_header(path, f"videos/{video}")
+    store = Store(path)
+    assert store.video_ids == ["v0", "v1", "v2"]  # the others stay readable
+    for read in (store.attrs, store.label, store.num_frames, store.rgb, store.flow):
+        with pytest.raises(CorruptStoreError) as err:
+            read(video)
+        message = str(err.value)
+        assert isinstance(err.value, ValueError) and "\n" not in message
+        assert str(path) in message and repr(video) in message and "header" in message
+    other = "v2"
+    assert_frames(store.rgb(other), make_video(2)[0], "jpeg")
+    problems = store.validate()
+    assert problems == [f"{video}: unreadable (bad object header version number)"], problems
+
+
+def test_damaged_dataset_header_names_the_dataset(tmp_path):
+    path = tmp_path / "s.h5"
+    write_videos(path, [0, 1])
+    _damage_header(path, "videos/v1/flow")
+    store = Store(path)
+    assert store.label("v1") == 1
+    with pytest.raises(CorruptStoreError, match=r"video 'v1' is unreadable \(bad object header"):
+        store.flow("v1")
+    assert [p.split(" (")[0] for p in store.validate()] == ["v1: unreadable"]
+
+
+def test_unreadable_data_is_a_one_line_error(tmp_path):
+    """h5py failing inside a read (here a damaged gzip chunk of flow) becomes CorruptStoreError."""
+    path = tmp_path / "s.h5"
+    write_videos(path, [0], flow_codec="uint8")
+    _corrupt_chunk(path, "videos/v0/flow")
+    store = Store(path)
+    assert store.num_frames("v0") == 3
+    store.flow("v0", 0)  # the first chunk is whole
+    with pytest.raises(CorruptStoreError) as err:
+        store.flow("v0")
+    assert f"store {path}: video 'v0' flow data is unreadable (" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert store.validate()[0].startswith("v0: unreadable (")
+
+
+def test_damaged_video_list_is_a_one_line_error(tmp_path):
+    path = tmp_path / "s.h5"
+    write_videos(path, [0, 1])
+    _damage_header(path, "videos")
+    with pytest.raises(CorruptStoreError, match=r"s\.h5: cannot list its videos"):
+        len(Store(path))
+    assert Store(path).validate()[0].endswith("the file is damaged)")
+
+
+def _feature_cache(path: Path, store: Path | None = None) -> Path:
+    """The layout streams/features.py writes: /videos/<id>/features and index, feature attrs."""
+    with h5py.File(path, "w") as f:
+        f.attrs.update(schema_version=1, stream="rgb", backbone="hoghof", feature_dim=8, views=1)
+        if store is not None:
+            f.attrs["store"] = str(store)
+        for i in range(2):
+            group = f.create_group(f"videos/v{i}")
+            group["features"] = np.zeros((1, 3, 8), np.float16)
+            group["index"] = np.zeros((1, 3), np.int64)
+            group.attrs.update(label=i, views=1)
+    return path
+
+
+def test_feature_cache_is_not_a_store(tmp_path):
+    cache = _feature_cache(tmp_path / "s.h5.features-rgb-hoghof.h5", tmp_path / "s.h5")
+    with pytest.raises(ValueError, match="is a feature cache .*not a twostream store.*s\\.h5\\)$"):
+        len(Store(cache))
+    # Without the attrs that say so, the video groups give it away.
+    with h5py.File(cache, "a") as f:
+        del f.attrs["feature_dim"]
+    with pytest.raises(ValueError, match=r"not a twostream store \(a feature cache\)"):
+        len(Store(cache))
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["videos/a/x"] = [1, 2]
+    with pytest.raises(ValueError, match="not a twostream store"):
+        len(Store(other))
