@@ -10,7 +10,7 @@ import typer
 
 from cli.choices import PRETRAINED_HELP, WEIGHTS_HELP
 from cli.console import err, out, table
-from cli.errors import fail, user_errors
+from cli.errors import fail, non_negative, user_errors
 
 
 class Goal(str, Enum):
@@ -139,6 +139,7 @@ def cv(
     from fusion.tta import check_tta
 
     check_tta(tta)
+    non_negative("--seed", seed)
     cfg = None
     if config is not None:
         if seed is not None:

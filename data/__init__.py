@@ -36,6 +36,7 @@ _EXPORTS = {
     "MissingVideoError": "data.store",
     "MissingDatasetError": "data.store",
     "CorruptStoreError": "data.store",
+    "FeatureCacheError": "data.store",
     "encode": "data.flowcodec",
     "decode": "data.flowcodec",
     "get_codec": "data.flowcodec",

@@ -107,6 +107,10 @@ class MissingDatasetError(MissingVideoError):
     """A listed video without the dataset asked for (e.g. no flow); a KeyError and a ValueError."""
 
 
+class FeatureCacheError(ValueError):
+    """A feature cache (streams.features) given where a store is expected."""
+
+
 class CorruptStoreError(ValueError):
     """Part of a store that h5py cannot open or read: the file is damaged. One line naming both."""
 
@@ -641,7 +645,7 @@ class Store:
             if "feature_dim" in f.attrs and "backbone" in f.attrs:
                 source = f.attrs.get("store")
                 source = f" ({plain(source)})" if source is not None else ""
-                raise ValueError(
+                raise FeatureCacheError(
                     f"{path} is a feature cache (written by `twostream features` or training), "
                     f"not a twostream store; pass the store it was made from{source}"
                 )

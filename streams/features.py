@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.augment import AugmentConfig
 from data.clips import ClipConfig, ClipDataset, clip_inputs
-from data.store import Store, require_store
+from data.store import CorruptStoreError, FeatureCacheError, Store, require_store
 from flow.devices import resolve_device
 from streams.backbones import build_backbone
 from streams.hoghof import VERSION as HOGHOF_VERSION
@@ -189,6 +189,8 @@ def _read_store(path: Path, stream: str, video_ids: Sequence[str] | None) -> tup
     try:
         try:
             all_ids = store.video_ids
+        except (CorruptStoreError, FeatureCacheError):
+            raise  # already one line saying what the file is
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path} is not a twostream store; make one with `twostream extract`") from exc
         if not all_ids:

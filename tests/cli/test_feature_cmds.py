@@ -98,7 +98,8 @@ def test_unknown_stream_is_refused(store):
 
 
 @pytest.mark.parametrize("command", [["info"], ["train", "--stream", "rgb", "--out", "RUN"],
-                                     ["train", "--stream", "both", "--out", "RUN"], ["cv", "--out", "RUN"]])
+                                     ["train", "--stream", "both", "--out", "RUN"], ["cv", "--out", "RUN"],
+                                     ["features", "--stream", "flow", "--device", "cpu"]])
 def test_feature_cache_passed_as_a_store(store, tmp_path, command):
     """The file `features` writes beside a store is refused in one line that says what it is."""
     assert _run("features", store, "--stream", "rgb", "--steps", "3", "--size", "16", "--device", "cpu").exit_code == 0

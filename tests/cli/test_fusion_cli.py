@@ -153,6 +153,11 @@ def test_cv_asked_for_weights_the_preset_cannot_use_stops_before_any_work(tmp_pa
     assert not (tmp_path / "cv").exists()
 
 
+def test_cv_negative_seed(tmp_path):
+    _one_line_error(_run("cv", tmp_path / "none.h5", "--out", tmp_path / "cv", "--seed", "-3"),
+                    "--seed must be a non-negative integer")
+
+
 def test_cv_missing_store(tmp_path):
     _one_line_error(_run("cv", tmp_path / "none.h5", "--out", tmp_path / "cv"), "twostream extract")
 
