@@ -74,11 +74,11 @@ def extract(
     method: Method = typer.Option(Method.tvl1, help="Optical-flow method."),
     backend: Backend = typer.Option(Backend.auto, help="torch, opencv, or auto (torch on CUDA; the faster one on CPU)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda:N."),
-    size: int | None = typer.Option(224, help="Square frame side; 0 keeps the source size (see --short-side)."),
+    size: int | None = typer.Option(None, help="Square frame side (default 224); 0 keeps the source size (see --short-side)."),
     short_side: int | None = typer.Option(None, help="Resize the short side to this, keeping the aspect (instead of --size)."),
     fps: float | None = typer.Option(None, help="Sample at this frame rate (same time step across sources)."),
     frames: int | None = typer.Option(None, help="Sample N frames spread uniformly."),
-    flow_codec: FlowCodec = typer.Option(FlowCodec.qwebp, help="Stored form of the flow: qwebp (0.25 px steps, lossless WebP; smallest), qwebp-fine, uint8 (TSN quantisation with --bound, gzip), float16, jpeg (denseflow's pair)."),
+    flow_codec: FlowCodec | None = typer.Option(None, help="Stored form of the flow: qwebp (default: 0.25 px steps, lossless WebP; smallest), qwebp-fine, uint8 (TSN quantisation with --bound, gzip), float16, jpeg (denseflow's pair)."),
     flow_dtype: FlowDtype | None = typer.Option(None, help="Shorthand: uint8 = --flow-codec uint8, float16 = --flow-codec float16."),
     rgb_codec: RgbCodec = typer.Option(RgbCodec.jpeg, help="Stored form of the frames: jpeg (quality 95, ~7x smaller) or raw (lossless, uncompressed, fastest to load)."),
     bound: float = typer.Option(20.0, help="Quantisation bound in pixels for uint8 flow (TSN: 20)."),
@@ -93,15 +93,19 @@ def extract(
 
     if frames is not None and fps is not None:
         raise ValueError("give either --fps or --frames, not both")
-    if short_side is not None:
-        size = None
+    if short_side is not None and size is not None:
+        raise ValueError("give either --size or --short-side, not both")
+    if short_side is None and size is None:
+        size = 224
+    if flow_dtype is not None and flow_codec is not None and flow_dtype.value != flow_codec.value:
+        raise ValueError(f"--flow-dtype {flow_dtype.value} and --flow-codec {flow_codec.value} disagree; give one of them")
     if size is not None and size != 0 and size < 16:
         raise ValueError(f"--size must be at least 16 (got {size})")
     if not manifest.exists():
         raise FileNotFoundError(f"manifest {manifest} does not exist")
     rows = read_manifest(manifest)
     sampling = Sampling(fps=fps, frames=frames, size=size or None, short_side=short_side)
-    codec = flow_dtype.value if flow_dtype is not None else flow_codec.value
+    codec = (flow_dtype or flow_codec or FlowCodec.qwebp).value
     cfg = ExtractConfig(method=method.value, backend=backend.value, device=device, sampling=sampling,
                         flow_codec=codec, rgb_codec=rgb_codec.value, bound=bound, workers=workers, shard=parse_shard(shard))
     with Progress(

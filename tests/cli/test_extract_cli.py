@@ -37,12 +37,25 @@ def test_extract_then_info(tmp_path, manifest):
     assert "2 videos" in res.output and "check out" in res.output
 
 
+def test_short_side_and_flow_dtype_alone_take_effect(tmp_path, manifest):
+    from data.store import Store
+
+    res = _run("extract", manifest, "-o", tmp_path / "s.h5", "--method", "farneback", "--short-side", "20",
+               "--flow-dtype", "float16", "--workers", "1")
+    assert res.exit_code == 0, res.output
+    with Store(tmp_path / "s.h5") as s:
+        assert s.root_attrs["flow_codec"] == "float16"
+        assert s.rgb("c0").shape[1:3] == (20, 25)  # 32 x 40 sources, short side 20, aspect kept
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--size", "8"], "at least 16"),
         (["--fps", "10", "--frames", "8"], "either --fps or --frames"),
         (["--shard", "3/2"], "--shard"),
+        (["--size", "32", "--short-side", "32"], "either --size or --short-side"),
+        (["--flow-codec", "qwebp", "--flow-dtype", "uint8"], "--flow-dtype uint8 and --flow-codec qwebp disagree"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(tmp_path, manifest, extra, message):
