@@ -844,7 +844,11 @@ class Store:
             h, w = self.frame_size(video_id) if ds.shape[0] else (0, 0)
             return np.zeros((0, h, w, 3), np.uint8)
         threads = self.threads or default_decode_threads()
-        return _hand_back(decode_rgb(self._read(video_id, "rgb", _read_payloads, ds, sel), threads), sel)
+        payloads = self._read(video_id, "rgb", _read_payloads, ds, sel)
+        try:
+            return _hand_back(decode_rgb(payloads, threads), sel)
+        except ValueError as err:  # a payload that does not decode: say which video
+            raise ValueError(f"store {self.path}: video {video_id!r}: {err}") from None
 
     def flow(self, video_id: str, index: object = slice(None)) -> np.ndarray:
         """Decoded flow fields of a video. Shape: (t, H, W, 2) float32 px ((H, W, 2) for an int)."""
@@ -857,7 +861,10 @@ class Store:
             raise ValueError(f"video {video_id!r} in {self.path} has no flow_codec attr")
         codec = get_codec(meta.flow_codec)
         rows = self._read(video_id, "flow", _read_payloads if codec.stream else _read_array, ds, sel)
-        return _hand_back(decode(rows, codec, self.flow_bound(video_id)), sel)
+        try:
+            return _hand_back(decode(rows, codec, self.flow_bound(video_id)), sel)
+        except ValueError as err:  # a payload that does not decode: say which video
+            raise ValueError(f"store {self.path}: video {video_id!r}: {err}") from None
 
     def _read(self, video_id: str, name: str, read, ds: h5py.Dataset, sel: _Selection) -> np.ndarray:
         """`read(ds, sel)`, with h5py's failure to read a damaged file as a one-line CorruptStoreError."""

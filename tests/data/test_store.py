@@ -557,7 +557,7 @@ def _corrupt_jpeg(path: Path, video: str, key: str) -> None:
     "plant, expected",
     [
         (lambda p: _corrupt_chunk(p, "videos/v1/rgb"), "v1: unreadable"),
-        (lambda p: _corrupt_jpeg(p, "v1", ""), "v1: unreadable (ValueError: corrupt rgb payload"),
+        (lambda p: _corrupt_jpeg(p, "v1", ""), "video 'v1': corrupt rgb payload"),  # names the video
         (lambda p: _drop_attr(p, "v1", "source_fps"), "v1: missing attr 'source_fps'"),
         (lambda p: _drop_attr(p, "v1", "flow_codec"), "v1: missing attr 'flow_codec'"),
         (lambda p: _shorten_flow(p, "v1", ""), "v1: 2 flow fields for 4 frames"),
