@@ -38,6 +38,8 @@ def index(
         raise FileNotFoundError(f"{source} does not exist")
     if not output.parent.resolve().is_dir():
         raise ValueError(f"output folder {output.parent} does not exist")
+    if output.is_dir():
+        raise IsADirectoryError(f"--output {output} is a folder; give the manifest's file name, e.g. {output / 'manifest.csv'}")
     for option, given in (("the input CSV", source), ("the --groups file", groups)):
         if given is not None and given.is_file() and _same_file(output, given):
             raise ValueError(f"--output {output} is {option}; writing the manifest there would overwrite it: "

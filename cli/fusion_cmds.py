@@ -187,11 +187,13 @@ def predict(
 
     check_tta(tta)
     check_windows(window, stride)
+    dest = out_dir or model / "predict"
+    if dest.exists() and not dest.is_dir():
+        raise NotADirectoryError(f"--out {dest} is a file; give a folder for the per-video outputs")
     scorer = Scorer(model, tta, device)
     mismatch = window_mismatch(window, scorer.clip_seconds)
     if mismatch:
         err.print(f"[yellow]warning:[/] {mismatch}", soft_wrap=True)
-    dest = out_dir or model / "predict"
     rows, failed = [], 0
     for path, name in zip(videos, output_names(videos), strict=True):
         try:

@@ -24,6 +24,7 @@ from data.manifest import (
     ManifestRow,
     MissingPathError,
     class_of_folder,
+    csv_text,
     parse_label,
     parse_split,
     video_id_for,
@@ -90,6 +91,8 @@ def index_dataset(
         videos = _index_folder(layout, source)
     videos.sort(key=lambda v: v.rel)
     _check_unique_ids(videos)
+    if groups_file is not None and _existing(groups_file).is_dir():
+        raise IsADirectoryError(f"groups file {groups_file} is a folder, not a CSV `video,group`")
     groups = _read_groups(_existing(groups_file), videos) if groups_file is not None else {}
     labels = {v.label for v in videos}
     if len(labels) < 2:
@@ -245,7 +248,7 @@ def _video(path: Path, source: Path, root: Path, label: int, split: str) -> _Vid
 
 def _index_csv(path: Path) -> list[_Video]:
     folder = path.parent
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with csv_text(path) as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
         reader.fieldnames = header
@@ -302,7 +305,7 @@ def _read_groups(path: Path, videos: list[_Video]) -> dict[str, str]:
             table.setdefault(key, []).append(v.video_id)
     groups: dict[str, str] = {}
     unmatched = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with csv_text(path) as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
         reader.fieldnames = header

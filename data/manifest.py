@@ -8,14 +8,16 @@ manifest's folder when the video lies under it, so a dataset folder with its man
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TextIO
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +141,17 @@ def check_rows(
             raise ValueError(f"{at}: bad split {row.split!r}")
 
 
+@contextlib.contextmanager
+def csv_text(path: Path) -> Iterator[TextIO]:
+    """A CSV file opened for reading as UTF-8 (a spreadsheet's BOM skipped); text in another
+    encoding is a one-line ValueError naming the file, wherever in it the bad byte sits."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            yield f
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as a UTF-8 CSV") from None
+
+
 def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
     """Rows of a manifest CSV, with paths resolved against the manifest's folder.
 
@@ -152,7 +165,7 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
             else f"manifest {path} is not a file"
         )
     folder = Path(os.path.abspath(path)).parent
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets add a BOM
+    with csv_text(path) as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
         if not header:

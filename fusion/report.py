@@ -282,6 +282,8 @@ def write_report(
             if n in results
         }
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file, where the evaluation writes its folder; move the file away")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     written.append(write_atomic(out / "roc.png", _png(_roc_figure(curves))))

@@ -109,3 +109,30 @@ def test_other_os_errors_keep_their_traceback(tmp_path, source_csv, monkeypatch)
     monkeypatch.setattr(data.manifest, "write_manifest", broken)
     res = _run("index", source_csv, "-o", tmp_path / "m.csv")
     assert res.exit_code == 1 and isinstance(res.exception, OSError)
+
+
+def test_index_into_a_folder_says_to_name_the_file(tmp_path, source_csv):
+    (tmp_path / "out").mkdir()
+    line = _one_error_line(_run("index", source_csv, "-o", tmp_path / "out"))
+    assert "is a folder; give the manifest's file name" in line and "manifest.csv" in line
+
+
+def test_index_with_a_folder_as_groups_file(tmp_path, source_csv):
+    (tmp_path / "groups").mkdir()
+    line = _one_error_line(_run("index", source_csv, "-o", tmp_path / "m.csv", "--groups", tmp_path / "groups"))
+    assert "is a folder, not a CSV" in line
+    assert not (tmp_path / "m.csv").exists()
+
+
+@pytest.mark.parametrize("which", ["source", "manifest"])
+def test_a_csv_that_is_not_utf8_names_the_file(tmp_path, source_csv, which):
+    bad = b"path,label,group\n\xe9t\xe9.mp4,1,r0\n".replace(b"\n", b"\r\n")  # Latin-1 text
+    if which == "source":
+        source_csv.write_bytes(bad)
+        line = _one_error_line(_run("index", source_csv, "-o", tmp_path / "m.csv"))
+        named = source_csv
+    else:
+        named = tmp_path / "m.csv"
+        named.write_bytes(b"video_id,path,label\n\xe9,a.mp4,1\n")
+        line = _one_error_line(_run("extract", named, "-o", tmp_path / "s.h5"))
+    assert f"{named} is not UTF-8 text" in line

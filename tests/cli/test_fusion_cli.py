@@ -158,6 +158,13 @@ def test_cv_negative_seed(tmp_path):
                     "--seed must be a non-negative integer")
 
 
+def test_evaluate_where_its_folder_is_a_file(tmp_path):
+    run = make_run(tmp_path / "run", _complementary)
+    (run / "eval").write_text("in the way")
+    _one_line_error(_run("evaluate", run), "is a file, where the evaluation writes its folder")
+    assert (run / "eval").read_text() == "in the way"
+
+
 def test_cv_missing_store(tmp_path):
     _one_line_error(_run("cv", tmp_path / "none.h5", "--out", tmp_path / "cv"), "twostream extract")
 
@@ -181,6 +188,12 @@ def test_predict_scores_the_good_videos_and_reports_the_broken_one(tmp_path, tra
             assert (tmp_path / "scores" / f"{name}.{suffix}").is_file()
     assert not (tmp_path / "scores" / "broken.csv").exists()
     assert "2 video(s) scored" in res.output
+
+
+def test_predict_out_that_is_a_file(tmp_path, trained_run):
+    (tmp_path / "taken").write_text("x")
+    _one_line_error(_run("predict", tmp_path / "v.mp4", "--model", trained_run, "--out", tmp_path / "taken"),
+                    "is a file; give a folder")
 
 
 def test_predict_all_good_exits_zero(tmp_path, trained_run):
