@@ -253,7 +253,7 @@ def extract_dataset(
             for item in _decoded_stream(todo, cfg.sampling, workers, window=2 * workers + 2):
                 if item.error is not None:
                     summary.failures.append(Failure(item.row.video_id, item.row.path, item.error))
-                    log.warning("skipping %s: %s", item.row.path, item.error)
+                    log.info("skipping %s: %s", item.row.path, item.error)  # returned and in failures.csv
                     report()
                     continue
                 gathered.append(item)
@@ -290,7 +290,7 @@ def _flush(gathered: list[_Decoded], estimator: FlowEstimator, writer: _Writer, 
         if len(gathered) == 1:
             item = gathered[0]
             summary.failures.append(Failure(item.row.video_id, item.row.path, f"flow failed: {exc}"))
-            log.warning("flow failed for %s: %s", item.row.path, exc)
+            log.info("flow failed for %s: %s", item.row.path, exc)  # returned and in failures.csv
             return
         for item in gathered:
             _flush([item], estimator, writer, summary, cfg)

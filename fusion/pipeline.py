@@ -775,8 +775,8 @@ def prepare_store(source: str | Path, out: Path, preset, groups: Path | None = N
     summary = extract_dataset(rows, store, preset.extract_config())
     if not summary.written and not summary.skipped:
         raise ValueError(f"no video of {source} could be read; see {summary.failures_csv}")
-    step("extract", f"{len(summary.written)} written, {len(summary.skipped)} reused, "
-                    f"{len(summary.failures)} failed", t)
+    failed = f"{len(summary.failures)} failed" + (f" (why: {summary.failures_csv})" if summary.failures else "")
+    step("extract", f"{len(summary.written)} written, {len(summary.skipped)} reused, {failed}", t)
     return store
 
 

@@ -301,6 +301,25 @@ def test_cross_validation_of_a_dataset_folder_indexes_and_extracts_it_first(tmp_
     assert doc["folds"] == 2
 
 
+def test_preparing_a_dataset_with_a_broken_video_skips_it_and_says_where_why_is(tmp_path):
+    from data.store import Store
+    from data.synthetic import SyntheticSpec, generate_dataset
+    from fusion.pipeline import prepare_store
+    from fusion.presets import CPU
+
+    data = generate_dataset(tmp_path / "data", SyntheticSpec(videos=4, recordings=2, frames=(6, 8), size=(48, 64)))
+    broken = sorted(data.rglob("*.mp4"))[0]
+    broken.write_bytes(b"not a video")
+    steps = {}
+    (tmp_path / "run").mkdir()
+    store = prepare_store(data, tmp_path / "run", CPU, data / "groups.csv",
+                          lambda name, status, start: steps.update({name: status}))
+    with Store(store) as s:
+        assert len(s) == 3
+    assert steps["extract"].startswith("3 written, 0 reused, 1 failed (why: ")
+    assert broken.name in Path(steps["extract"].split("why: ")[1].rstrip(")")).read_text()
+
+
 def test_a_run_knows_the_recordings_of_its_store_and_fusion_holds_them_out(trained, tmp_path):
     from fusion.pipeline import fit_run, run_groups
 
