@@ -52,9 +52,13 @@ from data.augment import (
 from data.manifest import SPLITS, ManifestRow
 from data.splits import assign_splits, fold_split
 from data.store import Store
-from streams.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
+
+# The per-channel statistics RGB frames are normalised with: ImageNet's, which every torchvision
+# backbone was trained with (streams.backbones.normalize_rgb uses them too).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 STREAMS = ("rgb", "flow")
 _CV_MAX_CHANNELS = 128  # OpenCV's warp and resize refuse images with more channels than this

@@ -34,12 +34,10 @@ import torchvision.models as tvm
 from torch import nn
 from torchvision.models.vision_transformer import interpolate_embeddings
 
+from data.clips import IMAGENET_MEAN, IMAGENET_STD
 from streams.hoghof import HogHof
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class _Spec:
