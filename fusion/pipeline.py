@@ -292,10 +292,10 @@ def run_groups(run_dir: str | Path, video_ids: Sequence[str] | None = None) -> d
                        "folds hold out single videos", store)
         return None
     with Store(store) as s:
-        ids = [v for v in (s.video_ids if video_ids is None else video_ids) if v in s]
-        if not any(s.attrs(v).get("group") for v in ids):
-            return None  # a store without recordings: folds can only hold out videos
-        return {v: s.recording(v) for v in ids}
+        recorded = {v: s.attrs(v).get("group") for v in (s.video_ids if video_ids is None else video_ids) if v in s}
+    if not any(recorded.values()):
+        return None  # a store without recordings: folds can only hold out videos
+    return {v: str(g or v) for v, g in recorded.items()}  # as Store.recording: no group, its own recording
 
 
 def fit_run(
@@ -317,9 +317,11 @@ def fit_run(
     runs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(r) for r in run_dirs]
     if not runs:
         raise ValueError("fusion needs at least one run folder")
-    twice = [str(r) for i, r in enumerate(runs) if r.resolve() in {p.resolve() for p in runs[:i]}]
-    if twice:
-        raise ValueError(f"run folder {twice[0]} is given twice; an ensemble combines different runs")
+    seen: set[Path] = set()
+    for r in runs:
+        if r.resolve() in seen:
+            raise ValueError(f"run folder {r} is given twice; an ensemble combines different runs")
+        seen.add(r.resolve())
     k = check_tta(tta)
     cfg = _fusion_config(goal, min_recall)
     if (fit_set is not None or test_set is not None) and len(runs) != 1:

@@ -7,7 +7,7 @@ all but hoghof's RGB encoder do it frame by frame, (N, C, H, W) -> (N, D) (`forw
     resnet50         global-average-pooled last stage                         D = 2048
     efficientnet_b4  global-average-pooled last stage                         D = 1792
     vit_b_16         class token after the final LayerNorm                    D = 768
-    hoghof           training-free change (RGB) / HOF + motion statistics     D = 11 / 45
+    hoghof           training-free change (RGB) / HOF + MBH + motion statistics  D = 11 / 61
                      (flow, on a 4x4 grid) (`streams.hoghof`); no weights; its RGB
                      features describe change over the clip, so it takes clips
 

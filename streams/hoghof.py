@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 VERSION = 5  # of the descriptors; bump on any change, so features cached by another version are recomputed
+HOF_BINS = 8  # signed orientation bins of the HOF and of each MBH component
 MOTION_STATS = 21  # global statistics after the HOF cells: 9 magnitude bins + 12 scalars
 TEMPORAL_BANDS = 4  # equal bands of (0, 0.5] cycles per step that an RGB step's change is split over
 CHANGE_STATS = 7  # scalar statistics of an RGB step's frame difference, after its band shares
@@ -94,7 +95,7 @@ def oriented_histograms(dx: torch.Tensor, dy: torch.Tensor, grid: int, bins: int
     return F.adaptive_avg_pool2d(votes, grid).permute(0, 2, 3, 1)  # (N, grid, grid, bins)
 
 
-def hof_features(flow: torch.Tensor, grid: int = 4, bins: int = 8, unit: float = 0.005) -> torch.Tensor:
+def hof_features(flow: torch.Tensor, grid: int = 4, bins: int = HOF_BINS, unit: float = 0.005) -> torch.Tensor:
     """Position-invariant HOF and motion statistics of flow stacks (see the module docstring).
 
     `unit` is the motion (in the input's units: px / bound) that log1p(value / unit) treats as 1;
@@ -145,7 +146,7 @@ def hof_features(flow: torch.Tensor, grid: int = 4, bins: int = 8, unit: float =
 
 
 def motion_boundary_histograms(grad_u: tuple[torch.Tensor, torch.Tensor], grad_v: tuple[torch.Tensor, torch.Tensor],
-                               bins: int = 8) -> torch.Tensor:
+                               bins: int = HOF_BINS) -> torch.Tensor:
     """MBH (Dalal, Triggs & Schmid 2006; the strongest descriptor of dense trajectories, Wang et al.
     2013): signed orientation histograms of the spatial gradients of each flow component, over the
     whole frame and averaged over the L fields. A flow constant over the frame (camera pan, shake)
@@ -277,7 +278,7 @@ class HogHof(nn.Module):
             raise ValueError(f"hoghof takes RGB frames (3 channels) or flow stacks (2L channels), got {in_channels}")
         self.in_channels = in_channels
         self.grid = grid
-        self.out_dim = TEMPORAL_BANDS + CHANGE_STATS if in_channels == 3 else 3 * 8 + grid * grid + MOTION_STATS
+        self.out_dim = TEMPORAL_BANDS + CHANGE_STATS if in_channels == 3 else 3 * HOF_BINS + grid * grid + MOTION_STATS
 
     @property
     def temporal(self) -> bool:
