@@ -135,7 +135,7 @@ def cv(
     weights: Annotated[Path | None, typer.Option(help=WEIGHTS_HELP)] = None,
 ) -> None:
     """Cross-validate: per fold train both streams, fuse (on inner out-of-fold predictions or the validation part), evaluate on the fold."""
-    from fusion.pipeline import cross_validate
+    from fusion.crossval import cross_validate
     from fusion.tta import check_tta
 
     check_tta(tta)

@@ -20,7 +20,7 @@ _EXPORTS = {
     "tta_views": "fusion.tta",
     "fuse_run": "fusion.pipeline",
     "evaluate_run": "fusion.pipeline",
-    "cross_validate": "fusion.pipeline",
+    "cross_validate": "fusion.crossval",
     "run_job": "fusion.pipeline",
     "score_video": "fusion.predict",
     "Preset": "fusion.presets",

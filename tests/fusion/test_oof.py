@@ -221,14 +221,14 @@ def _fake_oof(seen):
 
 
 def test_cross_validation_fits_fusion_and_thresholds_on_out_of_fold_predictions(tmp_path, monkeypatch):
-    import fusion.pipeline as pipeline
+    import fusion.crossval as crossval
     from fusion.presets import CPU
 
     store = make_store(tmp_path)
     seen = []
-    monkeypatch.setattr(pipeline, "train_run", _fake_train)
+    monkeypatch.setattr(crossval, "train_run", _fake_train)
     monkeypatch.setattr(oof, "out_of_fold", _fake_oof(seen))
-    doc = pipeline.cross_validate(store, folds=3, out=tmp_path / "cv", preset=CPU, inner_folds=3)
+    doc = crossval.cross_validate(store, folds=3, out=tmp_path / "cv", preset=CPU, inner_folds=3)
     assert [(f, k) for f, k, _ in seen] == [(0, 3), (1, 3), (2, 3)]
     assert doc["inner_folds"] == 3
     for fold, _, non_test in seen:
@@ -254,14 +254,14 @@ def test_cross_validation_fits_fusion_and_thresholds_on_out_of_fold_predictions(
 
 
 def test_zero_inner_folds_is_the_plain_cross_validation(tmp_path, monkeypatch):
-    import fusion.pipeline as pipeline
+    import fusion.crossval as crossval
     from fusion.presets import CPU, with_changes
 
     store = make_store(tmp_path)
-    monkeypatch.setattr(pipeline, "train_run", _fake_train)
+    monkeypatch.setattr(crossval, "train_run", _fake_train)
     monkeypatch.setattr(oof, "out_of_fold", lambda *a, **k: pytest.fail("inner folds with K = 0"))
-    plain = pipeline.cross_validate(store, folds=3, out=tmp_path / "a", preset=with_changes(CPU, inner_folds=0))
-    zero = pipeline.cross_validate(store, folds=3, out=tmp_path / "b", preset=CPU, inner_folds=0)
+    plain = crossval.cross_validate(store, folds=3, out=tmp_path / "a", preset=with_changes(CPU, inner_folds=0))
+    zero = crossval.cross_validate(store, folds=3, out=tmp_path / "b", preset=CPU, inner_folds=0)
     assert plain["summary"] == zero["summary"] and zero["inner_folds"] == 0
     for fold in range(3):
         ids = video_ids_for_split(store, fold=(fold, 3), seed=0)
@@ -274,39 +274,39 @@ def test_zero_inner_folds_is_the_plain_cross_validation(tmp_path, monkeypatch):
 @pytest.mark.parametrize("options, message", [({"inner_folds": 1}, "at least 2"),
                                               ({"inner_folds": 9}, "recordings with")])
 def test_cross_validation_refuses_bad_inner_folds_before_training(tmp_path, monkeypatch, options, message):
-    import fusion.pipeline as pipeline
+    import fusion.crossval as crossval
     from fusion.presets import CPU
 
     store = make_store(tmp_path)
-    monkeypatch.setattr(pipeline, "train_run", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(crossval, "train_run", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(ValueError, match=message):
-        pipeline.cross_validate(store, folds=3, out=tmp_path / "cv", preset=CPU, **options)
+        crossval.cross_validate(store, folds=3, out=tmp_path / "cv", preset=CPU, **options)
 
 
 def test_the_presets_inner_folds_adapt_to_the_data_and_settings(tmp_path, monkeypatch):
     # An asked-for K that does not fit is refused (above); the preset's own K is lowered to the
     # most every outer fold allows, and turned off where it cannot apply (fine-tuned runs).
-    import fusion.pipeline as pipeline
+    import fusion.crossval as crossval
     from fusion.presets import CPU, with_changes
 
     store = make_store(tmp_path)
     seen = []
-    monkeypatch.setattr(pipeline, "train_run", _fake_train)
+    monkeypatch.setattr(crossval, "train_run", _fake_train)
     monkeypatch.setattr(oof, "out_of_fold", _fake_oof(seen))
-    doc = pipeline.cross_validate(store, folds=3, out=tmp_path / "cv", preset=with_changes(CPU, inner_folds=9))
+    doc = crossval.cross_validate(store, folds=3, out=tmp_path / "cv", preset=with_changes(CPU, inner_folds=9))
     ks = {k for _, k, _ in seen}
     assert len(ks) == 1 and 2 <= doc["inner_folds"] == ks.pop() < 9
     with pytest.raises(ValueError, match="recordings with"):  # one more than that does not fit
-        pipeline.cross_validate(store, folds=3, out=tmp_path / "x", preset=CPU, inner_folds=doc["inner_folds"] + 1)
+        crossval.cross_validate(store, folds=3, out=tmp_path / "x", preset=CPU, inner_folds=doc["inner_folds"] + 1)
 
     # With test-time views too: the inner heads are scored over them (fusion.oof), not turned off.
-    views = pipeline.cross_validate(store, folds=3, out=tmp_path / "tta", preset=CPU, tta=2)
+    views = crossval.cross_validate(store, folds=3, out=tmp_path / "tta", preset=CPU, tta=2)
     assert views["inner_folds"] == min(CPU.inner_folds, doc["inner_folds"]) and views["tta"] == 2
 
     base = CPU.run_config()
-    assert pipeline._preset_inner_folds(store, base, 3, 4) == min(4, doc["inner_folds"])
+    assert crossval._preset_inner_folds(store, base, 3, 4) == min(4, doc["inner_folds"])
     both = replace(base, train=replace(base.train, stage="both"))
-    assert pipeline._preset_inner_folds(store, both, 3, 4) == 0
+    assert crossval._preset_inner_folds(store, both, 3, 4) == 0
 
 
 # --- inner heads over test-time views ------------------------------------------------------------

@@ -9,11 +9,12 @@ from scipy.special import expit
 
 from data.clips import ClipConfig, ClipDataset, clip_inputs
 from data.store import StoreWriter
+from fusion import crossval
+from fusion.crossval import cross_validate
 from fusion.ensemble import load_ensemble
 from fusion.late import load_fusion
 from fusion.pipeline import (
     check_run,
-    cross_validate,
     evaluate_run,
     fit_run,
     fuse_run,
@@ -231,7 +232,6 @@ def fake_fold_training(store_path, out, cfg, noise: float = 1.0) -> dict[str, st
 
 
 def test_cross_validation_rounds_hold_out_whole_recordings(tmp_path, monkeypatch):
-    import fusion.pipeline as pipeline
     from data.clips import video_ids_for_split
     from fusion.presets import CPU
 
@@ -249,7 +249,7 @@ def test_cross_validation_rounds_hold_out_whole_recordings(tmp_path, monkeypatch
         trained.append(cfg.train.fold)
         return fake_fold_training(store_path, out, cfg, noise=2.5)  # noisy enough for some wrong calls
 
-    monkeypatch.setattr(pipeline, "train_run", fake_train)
+    monkeypatch.setattr(crossval, "train_run", fake_train)
     doc = cross_validate(store, folds=4, out=tmp_path / "cv", preset=CPU, inner_folds=0)
     assert trained == ["0/4", "1/4", "2/4", "3/4"]
     # Every video is tested exactly once, and a recording never in two test folds.
@@ -280,7 +280,6 @@ def test_cross_validation_rounds_hold_out_whole_recordings(tmp_path, monkeypatch
 
 
 def test_cross_validation_of_a_dataset_folder_indexes_and_extracts_it_first(tmp_path, monkeypatch):
-    import fusion.pipeline as pipeline
     from data.store import Store
     from data.synthetic import SyntheticSpec, generate_dataset
     from fusion.presets import CPU
@@ -292,7 +291,7 @@ def test_cross_validation_of_a_dataset_folder_indexes_and_extracts_it_first(tmp_
         seen.append(Path(store_path))
         return fake_fold_training(store_path, out, cfg, noise=0.5)
 
-    monkeypatch.setattr(pipeline, "train_run", fake_train)
+    monkeypatch.setattr(crossval, "train_run", fake_train)
     doc = cross_validate(data, folds=2, out=tmp_path / "cv", preset=CPU, inner_folds=0)
     store = tmp_path / "cv" / "store.h5"
     assert set(seen) == {store} and (tmp_path / "cv" / "manifest.csv").is_file()

@@ -1,0 +1,241 @@
+"""Cross-validation over a store: stratified group k-fold, both streams trained per fold.
+
+`cross_validate` trains both streams on each fold's other folds (`fusion.pipeline.train_run`),
+fits fusion and every threshold on the fold's validation part or on out-of-fold predictions of
+its non-test videos (`fusion.oof`), and evaluates on the held-out fold
+(`fusion.pipeline.evaluate_run`). It writes OUT/cv.json and OUT/cv.md: mean +- std over folds per
+model, the per-fold table, wrong calls per source recording, and the paired comparison of the
+fused model against each stream on the same videos (`fusion.metrics.paired_comparison`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusion.pipeline import Event, _preset, evaluate_run, prepare_store, train_run
+from fusion.predictions import write_atomic
+from fusion.tta import check_tta
+
+logger = logging.getLogger(__name__)
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
+    if v.size == 0:
+        return {"mean": float("nan"), "std": float("nan")}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0}
+
+
+_CV_METRICS = (("accuracy", ("accuracy",)), ("macro_f1", ("macro_f1",)), ("roc_auc", ("roc_auc",)),
+               ("violent_recall", ("per_class", "violent", "recall")))
+
+
+def _pick(m: Mapping, keys: tuple[str, ...]):
+    for k in keys:
+        m = m[k]
+    return m
+
+
+def cross_validate(
+    store: str | Path,
+    folds: int = 5,
+    out: str | Path = "runs/cv",
+    preset="auto",
+    config=None,
+    devices: Sequence[str] | None = None,
+    tta: int = 1,
+    epochs: int | None = None,
+    goal: str = "accuracy",
+    min_recall: float | None = None,
+    on_event: Event | None = None,
+    seed: int = 0,
+    inner_folds: int | None = None,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+) -> dict[str, Any]:
+    """Stratified group k-fold: per fold train both streams, fuse, evaluate on its test fold.
+
+    `store` may also be a dataset folder or CSV: it is indexed and extracted into OUT/store.h5
+    with the preset's settings first (OUT/manifest.csv, resumable). No source recording is in two
+    folds; each round's validation part is carved from the training folds by group
+    (data.splits.fold_split). `config` (a streams RunConfig) replaces the
+    preset's training config. `seed` (the preset's; a `config` keeps its own) draws the folds
+    and seeds training: repeated with other seeds, it is repeated k-fold cross-validation.
+    `inner_folds` K >= 2 (None: the preset's, lowered or off where the data or training rule it
+    out; 0: off) fits fusion and every threshold on
+    out-of-fold predictions of each fold's non-test videos from K inner group folds (fusion.oof)
+    instead of on its validation part, and scores the test fold with the mean of those K inner
+    heads per stream (stacking): the thresholds meet scores of the models they were fitted on. With
+    `tta` views both are means over the same views.
+    `pretrained` / `weights` start the backbones from ImageNet weights (hub cache) or a file.
+    Writes OUT/fold<k>/ runs, OUT/cv.json and OUT/cv.md; returns the
+    summary {"folds": [...], "summary": {model: {metric: {"mean", "std"}}}}.
+    """
+    from data.store import require_store
+    from fusion.oof import check_inner_folds, labels_groups, out_of_fold
+    from fusion.presets import train_devices
+
+    store = Path(store)
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"--folds must be at least 2, got {folds}")
+    k = check_tta(tta)
+    chosen = _preset(preset)
+    n_inner = check_inner_folds(chosen.inner_folds if inner_folds is None else inner_folds)
+    base = config if config is not None else chosen.run_config(epochs, seed=seed)
+    if config is not None and epochs is not None:
+        base = replace(base, train=replace(base.train, epochs=epochs))
+    base = base.with_weights(pretrained, weights)  # a missing weights file fails before any extraction
+    if store.is_dir() or store.suffix.lower() == ".csv":  # a dataset: index and extract it first
+        Path(out).mkdir(parents=True, exist_ok=True)
+        store = prepare_store(store, Path(out), chosen)
+    require_store(store)
+    ids, labels, groups = labels_groups(store)
+    if not len(labels):
+        raise ValueError(f"{store} holds no videos; make it with `twostream extract`")
+    n_groups = len(np.unique(groups))
+    if folds > n_groups:
+        raise ValueError(
+            f"--folds {folds} is more than the {n_groups} source recordings (groups) in {store}; "
+            f"use at most {n_groups} folds"
+        )
+    if n_inner and inner_folds is None:  # the preset's K adapts to the data and settings; an asked-for K is checked
+        n_inner = _preset_inner_folds(store, base, folds, n_inner)
+    elif n_inner:
+        _check_inner(store, base, folds, n_inner)
+    devices = list(devices or train_devices(chosen))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for fold in range(folds):
+        fold_dir = out / f"fold{fold}"
+        cfg = replace(base, train=replace(base.train, fold=f"{fold}/{folds}"))
+        if on_event is not None:
+            on_event({"event": "fold", "fold": fold, "folds": folds})
+        try:
+            train_run(store, fold_dir, cfg, devices, on_event)
+            fit_set = test_set = None
+            if n_inner:
+                if on_event is not None:
+                    on_event({"event": "inner", "fold": fold, "inner_folds": n_inner})
+                inner = out_of_fold(store, fold_dir, n_inner, devices, k)
+                fit_set, test_set = inner.fit, inner.test
+            result = evaluate_run(fold_dir, k, goal, min_recall, fit_set=fit_set, test_set=test_set)
+        except ValueError as exc:
+            raise ValueError(f"fold {fold} of {folds}: {exc}") from None
+        rows.append({"fold": fold, "run": str(fold_dir), "fallback_reason": result["fallback_reason"],
+                     "fusion_method": result["fusion_method"],
+                     "fitted_on": "validation" if fit_set is None else "out-of-fold", "n_fit": result["n_fit"],
+                     **{m: {name: _pick(result["metrics"][m], keys) for name, keys in _CV_METRICS}
+                        for m in ("rgb", "flow", "fused")},
+                     "n_test": result["metrics"]["fused"]["n"], "wrong": result["wrong"]})
+        logger.info("fold %d/%d: fused accuracy %.4f", fold + 1, folds, rows[-1]["fused"]["accuracy"])
+    summary = {m: {name: _mean_std([r[m][name] for r in rows]) for name, _ in _CV_METRICS}
+               for m in ("rgb", "flow", "fused")}
+    doc = {"store": str(store.resolve()), "folds": folds, "tta": k, "goal": goal, "preset": chosen.name,
+           "seed": base.train.seed, "inner_folds": n_inner, "rounds": rows, "summary": summary,
+           "by_recording": _errors_by_recording(rows, ids, labels, groups)}
+    write_atomic(out / "cv.json", json.dumps(doc, indent=2) + "\n")
+    write_atomic(out / "cv.md", _cv_markdown(doc))
+    return doc
+
+
+def _errors_by_recording(rows: Sequence[Mapping], ids: np.ndarray, labels: np.ndarray,
+                         groups: np.ndarray) -> dict[str, dict]:
+    """Per source recording: its videos, how many are violent, and each model's wrong calls on them
+    (every video is tested in exactly one fold). Shape: ids, labels, groups (N,)."""
+    recording = dict(zip(ids.tolist(), groups.tolist(), strict=True))
+    out: dict[str, dict] = {}
+    for g in np.unique(groups):
+        mine = groups == g
+        out[str(g)] = {"videos": int(mine.sum()), "violent": int(labels[mine].sum()),
+                       "wrong": {m: 0 for m in ("rgb", "flow", "fused")}}
+    for r in rows:
+        for m, wrong in r["wrong"].items():
+            for v in wrong:
+                out[recording[v]]["wrong"][m] += 1
+    return out
+
+
+def _preset_inner_folds(store: Path, base, folds: int, wanted: int) -> int:
+    """The preset's inner fold count where it applies: at most `wanted`, no more than every outer
+    fold's non-test part has recordings of each class; 0 with fine-tuning."""
+    from fusion.oof import max_inner_folds
+
+    if base.train.stage != "head":
+        return 0
+    allowed = min(max_inner_folds(store, replace(base.train, fold=f"{fold}/{folds}")) for fold in range(folds))
+    if allowed < 2:
+        logger.info("inner folds: off (too few recordings per class outside a test fold)")
+        return 0
+    if allowed < wanted:
+        logger.info("inner folds: %d (the preset's %d would leave a class out of an inner part)", allowed, wanted)
+    return min(wanted, allowed)
+
+
+def _check_inner(store: Path, base, folds: int, n_inner: int) -> None:
+    """Every outer fold's non-test part can be split into `n_inner` group folds; raised before anything trains."""
+    from fusion.oof import inner_folds
+
+    if base.train.stage != "head":
+        raise ValueError("--inner-folds retrains each stream's head on cached features, so it needs head-only "
+                         f"training (stage = head), not stage = {base.train.stage}; or use --inner-folds 0")
+    for fold in range(folds):
+        inner_folds(store, replace(base.train, fold=f"{fold}/{folds}"), n_inner)
+
+
+def _cv_markdown(doc: Mapping) -> str:
+    names = [name for name, _ in _CV_METRICS]
+    n_inner = doc.get("inner_folds") or 0
+    fitted = (f"out-of-fold predictions of all its non-test videos ({n_inner} inner group folds, each "
+              f"stream's head retrained per inner fold; the test videos never enter them, and are scored "
+              f"by the mean of those {n_inner} heads)" if n_inner
+              else "a validation part carved from them by group")
+    lines = [
+        f"# Cross-validation: {doc['folds']} folds",
+        "",
+        f"Store: {doc['store']}. Stratified group k-fold (no source recording in two folds); per "
+        f"fold both streams train on the other folds, fusion and the operating thresholds are fitted "
+        f"on {fitted}, and every figure is on the held-out fold. TTA views: {doc['tta']}.",
+        "",
+        "| model | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for m, stats in doc["summary"].items():
+        cells = [f"{s['mean']:.4f} ± {s['std']:.4f}" for s in (stats[n] for n in names)]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "## Per fold", "", "| fold | videos | rgb | flow | fused | fitted on | note |",
+              "|---:|---:|---:|---:|---:|---|---|"]
+    for r in doc["rounds"]:
+        method = r.get("fusion_method")
+        note = ("equal weights" if method == "equal" else "one stream" if method == "single"
+                else "fallback to one stream" if r.get("fallback_reason") else "")
+        fit = f"{'out-of-fold' if n_inner else 'validation'} ({r.get('n_fit', '?')} videos)"
+        lines.append(f"| {r['fold']} | {r['n_test']} | {r['rgb']['accuracy']:.4f} | {r['flow']['accuracy']:.4f} "
+                     f"| {r['fused']['accuracy']:.4f} | {fit} | {note} |")
+    lines += _recording_lines(doc.get("by_recording") or {})
+    return "\n".join(lines) + "\n"
+
+
+def _recording_lines(by_recording: Mapping[str, Mapping], most: int = 20) -> list[str]:
+    """cv.md's table of wrong calls per source recording, the worst (by fused, then flow, rgb) first."""
+    if not by_recording:
+        return []
+    order = sorted(by_recording, key=lambda g: tuple(-by_recording[g]["wrong"][m] for m in ("fused", "flow", "rgb")))
+    lines = ["", "## Wrong calls by recording", "",
+             "Each video is tested in one fold; a recording whose calls go wrong together is where a model "
+             "does not carry over to new footage." + (f" The {most} worst of {len(order)}; all are in cv.json."
+                                                      if len(order) > most else ""),
+             "", "| recording | videos | violent | rgb | flow | fused |", "|---|---:|---:|---:|---:|---:|"]
+    for g in order[:most]:
+        r = by_recording[g]
+        lines.append(f"| {g} | {r['videos']} | {r['violent']} | " + " | ".join(str(r["wrong"][m]) for m in ("rgb", "flow", "fused"))
+                     + " |")
+    return lines
