@@ -115,7 +115,17 @@ def evaluate(
     out.print(metrics_table(f"test set of {run} ({views}; thresholds chosen on validation)", result["metrics"]))
     if result["fallback_reason"]:
         err.print(f"[yellow]fallback:[/] {result['fallback_reason']}")
+    _print_paired(result["paired"])
     out.print(f"report: {result['report']}")
+
+
+def _print_paired(paired: dict) -> None:
+    """One line per stream: the videos fused calls right where the stream does not, and the reverse."""
+    for s, r in paired.items():
+        low, high = r["ci95"]
+        out.print(f"fused vs {s}: right where {s} is wrong on {r['only_a']}, wrong where it is right on "
+                  f"{r['only_b']} (accuracy {r['difference']:+.4f}, 95% interval [{low:+.4f}, {high:+.4f}] "
+                  f"by {r['resampled']}; McNemar p {r['p_value']:.3g})", soft_wrap=True)
 
 
 @user_errors
@@ -153,6 +163,7 @@ def cv(
     rows = [[m, *(f"{s[k]['mean']:.4f} ± {s[k]['std']:.4f}" for k in ("accuracy", "macro_f1", "roc_auc"))]
             for m, s in doc["summary"].items()]
     out.print(table(f"{folds}-fold cross-validation of {store}", ["model", "accuracy", "macro-F1", "ROC-AUC"], rows))
+    _print_paired(doc["paired"])
     out.print(f"report: {out_dir / 'cv.md'}")
 
 

@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from fusion.pipeline import Event, _preset, evaluate_run, prepare_store, train_run
+from fusion.metrics import paired_comparison
+from fusion.pipeline import STREAMS, Event, _preset, evaluate_run, prepare_store, train_run
 from fusion.predictions import write_atomic
+from fusion.report import paired_lines
 from fusion.tta import check_tta
 
 logger = logging.getLogger(__name__)
@@ -141,7 +143,8 @@ def cross_validate(
                for m in ("rgb", "flow", "fused")}
     doc = {"store": str(store.resolve()), "folds": folds, "tta": k, "goal": goal, "preset": chosen.name,
            "seed": base.train.seed, "inner_folds": n_inner, "rounds": rows, "summary": summary,
-           "by_recording": _errors_by_recording(rows, ids, labels, groups)}
+           "by_recording": _errors_by_recording(rows, ids, labels, groups),
+           "paired": _paired_over_folds(rows, ids, groups)}
     write_atomic(out / "cv.json", json.dumps(doc, indent=2) + "\n")
     write_atomic(out / "cv.md", _cv_markdown(doc))
     return doc
@@ -162,6 +165,14 @@ def _errors_by_recording(rows: Sequence[Mapping], ids: np.ndarray, labels: np.nd
             for v in wrong:
                 out[recording[v]]["wrong"][m] += 1
     return out
+
+
+def _paired_over_folds(rows: Sequence[Mapping], ids: np.ndarray, groups: np.ndarray) -> dict[str, dict]:
+    """The fused model's calls against each stream's over every video, each called in the fold
+    that tested it (`fusion.metrics.paired_comparison`, resampling recordings). Shape: ids, groups (N,)."""
+    wrong = {m: set().union(*(r["wrong"][m] for r in rows)) for m in ("fused", *STREAMS)}
+    right = {m: np.array([v not in w for v in ids.tolist()]) for m, w in wrong.items()}
+    return {s: paired_comparison(right["fused"], right[s], groups) for s in STREAMS}
 
 
 def _preset_inner_folds(store: Path, base, folds: int, wanted: int) -> int:
@@ -220,6 +231,8 @@ def _cv_markdown(doc: Mapping) -> str:
         fit = f"{'out-of-fold' if n_inner else 'validation'} ({r.get('n_fit', '?')} videos)"
         lines.append(f"| {r['fold']} | {r['n_test']} | {r['rgb']['accuracy']:.4f} | {r['flow']['accuracy']:.4f} "
                      f"| {r['fused']['accuracy']:.4f} | {fit} | {note} |")
+    if doc.get("paired"):
+        lines += [""] + paired_lines(doc["paired"], "fused", "every video, each called in the fold that tested it")
     lines += _recording_lines(doc.get("by_recording") or {})
     return "\n".join(lines) + "\n"
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from fusion.ensemble import EnsembleWeights, combine, fit_ensemble, save_ensemble
 from fusion.late import FusionConfig, FusionModel, baselines, fit_fusion, fuse, save_fusion
-from fusion.metrics import compute_metrics
+from fusion.metrics import compute_metrics, paired_comparison
 from fusion.predictions import Predictions, align_all, load_split, read_predictions, write_atomic
 from fusion.threshold import choose_threshold
 from fusion.tta import average_predictions, check_tta, tta_views
@@ -414,7 +414,8 @@ def evaluate_run(
     Returns {"metrics": {"rgb", "flow", "fused"} -> compute_metrics dict, "report": report.md path,
     "eval_dir", "tta", "fallback_reason", "fusion_method" ("learned", "equal", "single"; None for an
     ensemble), "comparison", "n_fit", "wrong": {"rgb", "flow", "fused"} -> the test videos each
-    model calls wrongly at its threshold (sorted ids)}.
+    model calls wrongly at its threshold (sorted ids), "paired": {"rgb", "flow"} -> the fused model's
+    calls against that stream's on the same test videos (`fusion.metrics.paired_comparison`)}.
     """
     from fusion.report import write_report
 
@@ -432,10 +433,16 @@ def evaluate_run(
     predictions["fused"], thresholds["fused"] = outcome.fused("test"), outcome.threshold
     for m, p in predictions.items():
         results[m] = compute_metrics(p.labels, p.probabilities, thresholds[m])
+    right = {m: _right_calls(p, thresholds[m]) for m, p in predictions.items()}
+    ids = sorted(right["fused"])
+    recordings = run_groups(run, ids)
+    groups = None if recordings is None else np.array([recordings.get(v, v) for v in ids])
+    paired = {s: paired_comparison([right["fused"][v] for v in ids], [right[s][v] for v in ids], groups)
+              for s in STREAMS}
     eval_dir = run / "eval"
     title = f"twostream evaluation: {run.resolve().name}" + (f" ({outcome.tta} TTA views)" if outcome.tta > 1 else "")
     write_report(eval_dir, results, predictions=predictions, goal=cfg.goal, min_recall=cfg.min_recall,
-                 fusion=outcome.model.to_dict(), title=title, split="test")
+                 fusion=outcome.model.to_dict(), title=title, split="test", paired=paired)
     # metrics.json stays the last file written: it gains the view count and the baselines.
     metrics_path = eval_dir / "metrics.json"
     doc = json.loads(metrics_path.read_text(encoding="utf-8"))
@@ -450,9 +457,15 @@ def evaluate_run(
         "fusion_method": getattr(outcome.model, "method", None),
         "comparison": outcome.comparison,
         "n_fit": len(outcome.val["rgb"]),
-        "wrong": {m: sorted(str(v) for v in p.video_ids[(p.probabilities >= thresholds[m]) != (p.labels == 1)])
-                  for m, p in predictions.items()},
+        "wrong": {m: sorted(v for v, ok in right[m].items() if not ok) for m in predictions},
+        "paired": paired,
     }
+
+
+def _right_calls(p: Predictions, threshold: float) -> dict[str, bool]:
+    """Video id -> whether its call at `threshold` (violent when probability >= it) is right."""
+    ok = (p.probabilities >= threshold) == (p.labels == 1)
+    return dict(zip((str(v) for v in p.video_ids), ok.tolist(), strict=True))
 
 
 # --- training both streams ----------------------------------------------------------------------

@@ -184,6 +184,22 @@ def _fusion_markdown(fusion: Mapping) -> list[str]:
     return lines + [""]
 
 
+def paired_lines(paired: Mapping[str, dict], primary: str = "fused", where: str = "the same test videos") -> list[str]:
+    """Markdown section for `fusion.metrics.paired_comparison` results of `primary` against each model."""
+    unit = {"recording": "recordings", "video": "videos"}
+    lines = [f"## {primary} against each model, on {where}", "",
+             "Only the videos two models call differently say which is better. p: exact McNemar test "
+             "(videos taken as independent); the interval of the accuracy difference resamples whole "
+             "recordings when the videos come from several, as clips of one recording are not independent.",
+             "", f"| model | {primary} right, model wrong | model right, {primary} wrong | accuracy difference "
+             f"| 95% interval | resampled | p |", "|---|---:|---:|---:|---|---|---:|"]
+    for name, r in paired.items():
+        low, high = r["ci95"]
+        lines.append(f"| {name} | {r['only_a']} | {r['only_b']} | {r['difference']:+.4f} | [{low:+.4f}, {high:+.4f}] "
+                     f"| {unit.get(r['resampled'], r['resampled'])} | {r['p_value']:.3g} |")
+    return lines
+
+
 def _markdown(
     results: Mapping[str, dict],
     primary: str,
@@ -192,6 +208,7 @@ def _markdown(
     fusion: Mapping | None,
     title: str,
     split: str,
+    paired: Mapping[str, dict] | None = None,
 ) -> str:
     p = results[primary]
     goal_text = goal or "not recorded"
@@ -229,6 +246,8 @@ def _markdown(
         f"| violent | {fn} | {tp} |",
         "",
     ]
+    if paired:
+        lines += paired_lines(paired, primary) + [""]
     if fusion:
         lines += _fusion_markdown(fusion)
     lines += [
@@ -254,6 +273,7 @@ def write_report(
     fusion: Mapping | None = None,
     title: str = "twostream evaluation",
     split: str = "test",
+    paired: Mapping[str, dict] | None = None,
 ) -> list[Path]:
     """Write the report files into `out_dir` and return their paths.
 
@@ -265,6 +285,9 @@ def write_report(
         primary: the model whose accuracy is metrics.json's top-level `accuracy`; "fused" when
             present, else the first model.
         fusion: `FusionModel.to_dict()` or `EnsembleWeights.to_dict()`, shown with any fallback note.
+        paired: other model name -> `fusion.metrics.paired_comparison` of the primary model's calls
+            (a) against that model's (b) on the same videos; a table in report.md, "paired" in
+            metrics.json.
     """
     if not results:
         raise ValueError("no results to report")
@@ -292,7 +315,7 @@ def write_report(
     if predictions:
         text = _predictions_csv(predictions, primary, float(results[primary]["threshold"]))
         written.append(write_atomic(out / "predictions.csv", text))
-    md = _markdown(results, primary, goal, min_recall, fusion, title, split)
+    md = _markdown(results, primary, goal, min_recall, fusion, title, split, paired)
     written.append(write_atomic(out / "report.md", md))
     summary = {
         "primary": primary,
@@ -303,6 +326,7 @@ def write_report(
         "split": split,
         "models": dict(results),
         "fusion": None if fusion is None else dict(fusion),
+        "paired": None if paired is None else dict(paired),
     }
     written.append(write_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n"))
     logger.info("report written to %s (%s accuracy %.4f)", out, primary, summary["accuracy"])

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -82,6 +84,10 @@ def test_evaluate_prints_the_table_and_the_report(tmp_path):
     assert res.exit_code == 0, res.output
     assert "fused" in res.output and "report:" in res.output
     assert (run / "eval" / "report.md").is_file()
+    paired = json.loads((run / "eval" / "metrics.json").read_text())["paired"]
+    for s in ("rgb", "flow"):
+        line = next(ln for ln in res.output.splitlines() if ln.startswith(f"fused vs {s}:"))
+        assert f"right where {s} is wrong on {paired[s]['only_a']}, wrong where it is right on {paired[s]['only_b']}" in line
 
 
 def test_run_without_both_streams(tmp_path):

@@ -3,7 +3,13 @@ import json
 import numpy as np
 import pytest
 
-from fusion.metrics import compute_curves, compute_metrics, expected_calibration_error
+from fusion import metrics
+from fusion.metrics import (
+    compute_curves,
+    compute_metrics,
+    expected_calibration_error,
+    paired_comparison,
+)
 
 # 10 videos, threshold 0.5: predicted 1,1,1,1,0,0 | 1,0,0,0 -> tp 4, fn 2, fp 1, tn 3.
 LABELS = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0])
@@ -105,3 +111,41 @@ def test_curves():
     assert c["pr"]["base_rate"] == pytest.approx(0.6)
     assert _plain(c)
     assert compute_curves(np.zeros(3, int), np.array([0.1, 0.2, 0.3])) is None
+
+
+def test_paired_comparison_counts_disagreements_and_tests_them_exactly():
+    # a right, b wrong on videos 0-2; b right, a wrong on video 4; both right on 3 and 5.
+    r = paired_comparison([1, 1, 1, 1, 0, 1], [0, 0, 0, 1, 1, 1])
+    assert (r["n"], r["only_a"], r["only_b"]) == (6, 3, 1)
+    assert r["difference"] == pytest.approx(2 / 6)
+    assert r["p_value"] == pytest.approx(10 / 16)  # P(|X - 2| >= 1), X ~ Bin(4, 1/2)
+    assert r["resampled"] == "video"
+    same = paired_comparison([1, 0, 1], [1, 0, 1])
+    assert (same["only_a"], same["only_b"], same["p_value"], same["ci95"]) == (0, 0, 1.0, [0.0, 0.0])
+
+
+def test_paired_comparison_bootstraps_whole_recordings():
+    a, b = [1, 1, 1, 0, 0, 0], [0] * 6  # every gain in recording A
+    by_video = paired_comparison(a, b)
+    by_recording = paired_comparison(a, b, groups=["A"] * 3 + ["B"] * 3)
+    assert by_recording["resampled"] == "recording"
+    # Two recordings: a resample holds A twice (+1), A and B (+0.5) or B twice (0).
+    assert by_recording["ci95"] == [0.0, 1.0]
+    assert by_video["ci95"][1] - by_video["ci95"][0] < 1.0  # independent videos understate the spread
+    one = paired_comparison(a, b, groups=["A"] * 6)  # one recording cannot be resampled: videos are
+    assert one["resampled"] == "video" and one["ci95"] == by_video["ci95"]
+
+
+def test_paired_comparison_bootstrap_batches_give_the_same_interval(monkeypatch):
+    rng = np.random.default_rng(1)
+    a, b, g = rng.random(50) < 0.7, rng.random(50) < 0.6, rng.integers(0, 7, 50)
+    whole = paired_comparison(a, b, g)
+    monkeypatch.setattr(metrics, "_BOOTSTRAP_DRAWS", 7)  # one resample per batch
+    assert paired_comparison(a, b, g) == whole
+
+
+def test_paired_comparison_refuses_mismatched_calls():
+    with pytest.raises(ValueError, match="one length"):
+        paired_comparison([1, 0], [1])
+    with pytest.raises(ValueError, match="one recording per video"):
+        paired_comparison([1, 0], [1, 1], groups=["A"])

@@ -136,6 +136,20 @@ def test_evaluate_writes_every_artefact(tmp_path):
     header = (eval_dir / "predictions.csv").read_text().splitlines()[0]
     assert header == "video_id,label,rgb_probability,flow_probability,fused_probability,predicted"
     assert "fused" in (eval_dir / "report.md").read_text()
+    # The fused model's calls against each stream's, on the same test videos.
+    rows = (eval_dir / "predictions.csv").read_text().splitlines()[1:]
+    right = {m: {} for m in ("rgb", "flow", "fused")}
+    for row in rows:
+        vid, label, *probs = row.split(",")[:5]
+        for m, p in zip(("rgb", "flow", "fused"), probs, strict=True):
+            right[m][vid] = (float(p) >= doc["models"][m]["threshold"]) == (label == "1")
+    for s in ("rgb", "flow"):
+        paired = doc["paired"][s]
+        assert paired == result["paired"][s]
+        assert paired["only_a"] == sum(right["fused"][v] and not right[s][v] for v in right[s])
+        assert paired["only_b"] == sum(right[s][v] and not right["fused"][v] for v in right[s])
+        assert paired["difference"] == pytest.approx(doc["models"]["fused"]["accuracy"] - doc["models"][s]["accuracy"])
+    assert "## fused against each model" in (eval_dir / "report.md").read_text()
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -277,6 +291,15 @@ def test_cross_validation_rounds_hold_out_whole_recordings(tmp_path, monkeypatch
     md = (tmp_path / "cv" / "cv.md").read_text()
     assert "## Wrong calls by recording" in md and len(re.findall(r"^\| rec\d \|", md, re.M)) == 8
     assert sum(r["wrong"]["rgb"] for r in by_rec.values()) > 0
+    # The paired comparison pools every fold's calls: its counts are the wrong calls' set differences.
+    wrong = {m: {v for f in doc["rounds"] for v in f["wrong"][m]} for m in ("rgb", "flow", "fused")}
+    for s in ("rgb", "flow"):
+        paired = doc["paired"][s]
+        assert (paired["n"], paired["resampled"]) == (40, "recording")
+        assert (paired["only_a"], paired["only_b"]) == (len(wrong[s] - wrong["fused"]), len(wrong["fused"] - wrong[s]))
+        assert paired["difference"] == pytest.approx((len(wrong[s]) - len(wrong["fused"])) / 40)
+        assert paired["ci95"][0] <= paired["difference"] <= paired["ci95"][1]
+    assert "## fused against each model" in md
 
 
 def test_cross_validation_of_a_dataset_folder_indexes_and_extracts_it_first(tmp_path, monkeypatch):
