@@ -52,7 +52,10 @@ _SUMMARY_KEYS = ("threshold", "accuracy", "macro_f1", "roc_auc", "log_loss")
 
 
 def check_run(run_dir: str | Path, streams: Sequence[str] = STREAMS) -> Path:
-    """The run folder, or a one-line error naming the first stream that has no predictions."""
+    """The run folder, or a one-line error naming the first stream that has no predictions or
+    stale ones (`streams.rundir.RunDir.check_encoder`)."""
+    from streams.rundir import RunDir
+
     run = Path(run_dir)
     if run.is_file():
         raise NotADirectoryError(f"{run} is a file, not a run folder (made by `twostream train` or `run`)")
@@ -66,6 +69,7 @@ def check_run(run_dir: str | Path, streams: Sequence[str] = STREAMS) -> Path:
                     f"{run} has no trained {stream} stream ({path.relative_to(run)} is missing); "
                     f"train it with `twostream train STORE --stream {stream} --out {run}`"
                 )
+        RunDir(run, stream).check_encoder()
     return run
 
 
@@ -496,6 +500,7 @@ def train_run(
     todo = [s for s in STREAMS if not _stream_done(out, s)]
     status = {s: "reused" for s in STREAMS if s not in todo}
     for s in status:
+        RunDir(out, s).check_encoder()
         saved, _ = RunDir(out, s).read_config()
         diff = config_differences(saved, cfg, RUNTIME_KEYS)
         if diff:

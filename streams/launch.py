@@ -313,6 +313,8 @@ def _train_stream(store: Path, stream: str, run: RunDir, cfg: RunConfig, info: D
 
 def _run(store: Path, stream: str, run: RunDir, cfg: RunConfig, info: DistInfo, resume: bool,
          on_event: Event | None) -> Path:
+    from streams.features import encoder_version
+
     if cfg.augment.mixup:
         raise ValueError("mixup is not supported by `train`; set augment.mixup = false")
     if cfg.train.threads:
@@ -338,7 +340,7 @@ def _run(store: Path, stream: str, run: RunDir, cfg: RunConfig, info: DistInfo, 
             features, cfg = ensure_features(store, stream, cfg, info.device)
     run_info = {"stream": stream, "store": str(store.resolve()), "features": str(features) if features else "",
                 "world_size": info.world, "train_videos": len(ids["train"]), "val_videos": len(ids["val"]),
-                "test_videos": len(ids["test"])}
+                "test_videos": len(ids["test"]), "encoder_version": encoder_version(cfg.model.backbone)}
     if info.main:
         run.write_config(cfg, run_info)
         run.write_environment(info.device, world_size=info.world)

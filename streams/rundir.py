@@ -283,6 +283,28 @@ class RunDir:
         data = read_toml(self.config_path)
         return RunConfig.from_dict(data), data.get("run", {})
 
+    def check_encoder(self) -> None:
+        """Refuse a trained stream whose encoder has changed since: ValueError naming it.
+
+        A hand-crafted encoder (hoghof) records its descriptor version in config.toml's [run]
+        table when the stream trains. Under another version the same config computes other
+        features, so the stream's head, predictions and every figure made from them are stale,
+        even where the shapes still fit. A run folder without a config.toml (prediction files
+        only) has nothing to check.
+        """
+        from streams.features import encoder_version
+
+        if not self.config_path.is_file():
+            return
+        cfg, info = self.read_config()
+        current, recorded = encoder_version(cfg.model.backbone), info.get("encoder_version")
+        if recorded == current or (current == 0 and recorded is None):
+            return
+        made = f"version {recorded}" if recorded is not None else "an earlier version (unrecorded)"
+        raise ValueError(f"{self.root} was trained on {cfg.model.backbone} descriptors of {made}, and this twostream "
+                         f"computes version {current}: its predictions are stale; delete the folder to retrain it, "
+                         "or choose another --out")
+
     def write_environment(self, device: torch.device | str | None = None, **extra: Any) -> Path:
         from fusion.predictions import write_atomic
 
@@ -356,6 +378,7 @@ def load_stream_model(stream_dir: str | Path, which: str = "best", device: str |
     run = RunDir(stream_dir.parent, stream_dir.name) if stream_dir.name in ("rgb", "flow") else None
     if run is None:
         raise ValueError(f"{stream_dir} is not a stream folder of a run (expected RUN/rgb or RUN/flow)")
+    run.check_encoder()
     cfg, info = run.read_config()
     ckpt = run.load_checkpoint(which)
     model = build_model(cfg, run.stream)

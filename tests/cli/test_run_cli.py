@@ -4,6 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 import fusion.presets as presets
+import streams.features as features
 from cli.app import app
 from fusion.presets import CPU, GPU, choose_preset, with_changes
 
@@ -72,6 +73,14 @@ def test_run_end_to_end_then_resume(tmp_path, monkeypatch):
         res = _run("run", *args, "--out", out, "--preset", "cpu")
         errors = [line for line in res.output.splitlines() if line.startswith("error:")]
         assert res.exit_code == 2 and len(errors) == 1 and message in errors[0], res.output
+    assert (out / "flow" / "best.pt").stat().st_mtime == mtime
+
+    # Once the descriptors change, the finished streams are stale: refused, never reported as new.
+    monkeypatch.setattr(features, "HOGHOF_VERSION", features.HOGHOF_VERSION + 1)
+    for args in (("run", "--out", out, "--preset", "cpu"), ("evaluate", out)):
+        res = _run(*args)
+        errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+        assert res.exit_code == 2 and len(errors) == 1 and "predictions are stale" in errors[0], res.output
     assert (out / "flow" / "best.pt").stat().st_mtime == mtime
 
 

@@ -335,3 +335,36 @@ def test_fit_stage_stops_early_without_improvement(tmp_path):
                        device=torch.device("cpu"), precision=Precision())
     assert result["stopped_early"] and result["epochs_run"] == 4
     assert result["best"]["epoch"] == 0
+
+
+@pytest.mark.parametrize(("backbone", "recorded", "stale"), [
+    ("hoghof", "current", False), ("hoghof", "older", True), ("hoghof", None, True),
+    ("vgg19", None, False), ("vgg19", 0, False),
+])
+def test_a_stream_trained_on_other_descriptors_is_stale(tmp_path, backbone, recorded, stale):
+    from dataclasses import replace
+
+    from fusion.pipeline import check_run
+    from streams.hoghof import VERSION
+    from streams.rundir import load_stream_model
+
+    run = RunDir(tmp_path, "rgb")
+    info = {"stream": "rgb", "store": str(tmp_path / "s.h5")}
+    if recorded is not None:
+        info["encoder_version"] = {"current": VERSION, "older": VERSION - 1}.get(recorded, recorded)
+    run.path.mkdir(parents=True)
+    run.write_config(replace(tiny_config(), model=replace(TINY, backbone=backbone)), info)
+    if not stale:
+        run.check_encoder()
+        return
+    with pytest.raises(ValueError, match="predictions are stale") as caught:
+        run.check_encoder()
+    made = "an earlier version (unrecorded)" if recorded is None else f"version {VERSION - 1}"
+    assert f"hoghof descriptors of {made}, and this twostream computes version {VERSION}" in str(caught.value)
+    for split in ("val", "test"):  # a finished stream: fuse / evaluate refuse it, predict cannot load it
+        (run.path / f"predictions_{split}.csv").write_text("video_id,label,logit\n")
+    (tmp_path / "flow").mkdir()
+    with pytest.raises(ValueError, match="stale"):
+        check_run(tmp_path, streams=("rgb",))
+    with pytest.raises(ValueError, match="stale"):
+        load_stream_model(run.path)
