@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from fusion.metrics import paired_comparison
-from fusion.pipeline import STREAMS, Event, _preset, evaluate_run, prepare_store, train_run
+from fusion.pipeline import STREAMS, Event, evaluate_run, prepare_store, train_run
 from fusion.predictions import write_atomic
 from fusion.report import paired_lines
 from fusion.tta import check_tta
@@ -83,13 +83,13 @@ def cross_validate(
     """
     from data.store import require_store
     from fusion.oof import check_inner_folds, labels_groups, out_of_fold
-    from fusion.presets import train_devices
+    from fusion.presets import choose_preset, train_devices
 
     store = Path(store)
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise ValueError(f"--folds must be at least 2, got {folds}")
     k = check_tta(tta)
-    chosen = _preset(preset)
+    chosen = choose_preset(preset)
     n_inner = check_inner_folds(chosen.inner_folds if inner_folds is None else inner_folds)
     base = config if config is not None else chosen.run_config(epochs, seed=seed)
     if config is not None and epochs is not None:

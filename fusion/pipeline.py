@@ -523,16 +523,6 @@ def train_run(
     return status
 
 
-# --- presets ------------------------------------------------------------------------------------
-
-
-def _preset(preset):
-    """A preset given by name ("auto", "cpu", "gpu") or as a `fusion.presets.Preset`."""
-    from fusion.presets import Preset, choose_preset
-
-    return preset if isinstance(preset, Preset) else choose_preset(preset)
-
-
 # --- the main job -------------------------------------------------------------------------------
 
 
@@ -618,9 +608,9 @@ def run_job(
     `weights` start the backbones from ImageNet weights (hub cache) or a file. Returns
     {"preset", "steps": {step: {"seconds", "status"}}, "metrics", "report", "fallback_reason"}.
     """
-    from fusion.presets import train_devices
+    from fusion.presets import choose_preset, train_devices
 
-    chosen = _preset(preset)
+    chosen = choose_preset(preset)
     k = check_tta(tta if tta is not None else chosen.tta)
     run_cfg = chosen.run_config(epochs).with_weights(pretrained, weights)
     out = Path(out)

@@ -187,8 +187,11 @@ GPU = Preset(
 )
 
 
-def choose_preset(name: str = "auto") -> Preset:
-    """The named preset; "auto" takes `gpu` when torch sees a CUDA device, else `cpu`."""
+def choose_preset(name: str | Preset = "auto") -> Preset:
+    """The named preset; "auto" takes `gpu` when torch sees a CUDA device, else `cpu`. A `Preset`
+    is returned as it is."""
+    if isinstance(name, Preset):
+        return name
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     if name == "auto":

@@ -34,7 +34,7 @@ def _run(*args):
 
 
 def test_presets():
-    assert choose_preset("cpu") is CPU and choose_preset("gpu") is GPU
+    assert choose_preset("cpu") is CPU and choose_preset("gpu") is GPU and choose_preset(TINY) is TINY
     assert choose_preset("auto").name in ("cpu", "gpu")
     cfg = CPU.run_config(epochs=7)
     assert cfg.train.epochs == 7 and cfg.train.stage == "head" and cfg.model.backbone == CPU.backbone
