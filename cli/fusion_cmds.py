@@ -115,17 +115,18 @@ def evaluate(
     out.print(metrics_table(f"test set of {run} ({views}; thresholds chosen on validation)", result["metrics"]))
     if result["fallback_reason"]:
         err.print(f"[yellow]fallback:[/] {result['fallback_reason']}")
-    _print_paired(result["paired"])
+    print_paired(result["paired"])
     out.print(f"report: {result['report']}")
 
 
-def _print_paired(paired: dict) -> None:
+def print_paired(paired: dict) -> None:
     """One line per stream: the videos fused calls right where the stream does not, and the reverse."""
     for s, r in paired.items():
         low, high = r["ci95"]
+        test = "" if r["p_value"] is None else f"; McNemar p {r['p_value']:.3g}"
         out.print(f"fused vs {s}: right where {s} is wrong on {r['only_a']}, wrong where it is right on "
                   f"{r['only_b']} (accuracy {r['difference']:+.4f}, 95% interval [{low:+.4f}, {high:+.4f}] "
-                  f"by {r['resampled']}; McNemar p {r['p_value']:.3g})", soft_wrap=True)
+                  f"by {r['resampled']}{test})", soft_wrap=True)
 
 
 @user_errors
@@ -143,9 +144,10 @@ def cv(
     inner_folds: Annotated[int | None, typer.Option(help="Fit fusion and thresholds on out-of-fold predictions of each fold's non-test videos from K inner group folds, and score its test videos with the mean of those K heads (0 = fit on its validation part, score with the fold's own heads; default: the preset's).")] = None,
     pretrained: Annotated[bool, typer.Option(help=PRETRAINED_HELP)] = False,
     weights: Annotated[Path | None, typer.Option(help=WEIGHTS_HELP)] = None,
+    repeats: Annotated[int, typer.Option(help="Repeat the k-fold with seeds SEED .. SEED+N-1 into OUT/seed<N>/ and report the mean ± std over repeats (repeated k-fold).")] = 1,
 ) -> None:
     """Cross-validate: per fold train both streams, fuse (on inner out-of-fold predictions or the validation part), evaluate on the fold."""
-    from fusion.crossval import cross_validate
+    from fusion.crossval import repeated_cross_validate
     from fusion.tta import check_tta
 
     check_tta(tta)
@@ -157,19 +159,25 @@ def cv(
         from streams.rundir import resolve_run_config
 
         cfg = resolve_run_config(config)
-    doc = cross_validate(store, folds, out_dir, preset.value, cfg, _parse_devices(devices), tta, epochs, goal.value,
-                         on_event=_fold_printer(), seed=seed or 0, inner_folds=inner_folds,
-                         pretrained=pretrained, weights=weights)
+    if repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {repeats}")
+    doc = repeated_cross_validate(store, repeats, out_dir, seed or 0, cfg, _fold_printer(), folds=folds,
+                                  preset=preset.value, devices=_parse_devices(devices), tta=tta, epochs=epochs,
+                                  goal=goal.value, inner_folds=inner_folds, pretrained=pretrained, weights=weights)
     rows = [[m, *(f"{s[k]['mean']:.4f} ± {s[k]['std']:.4f}" for k in ("accuracy", "macro_f1", "roc_auc"))]
             for m, s in doc["summary"].items()]
-    out.print(table(f"{folds}-fold cross-validation of {store}", ["model", "accuracy", "macro-F1", "ROC-AUC"], rows))
-    _print_paired(doc["paired"])
+    title = (f"{folds}-fold cross-validation of {store}" if repeats == 1
+             else f"{repeats} x {folds}-fold cross-validation of {store} (mean ± std over repeats)")
+    out.print(table(title, ["model", "accuracy", "macro-F1", "ROC-AUC"], rows))
+    print_paired(doc["paired"])
     out.print(f"report: {out_dir / 'cv.md'}")
 
 
 def _fold_printer():
     def on_event(event: dict) -> None:
-        if event.get("event") == "fold":
+        if event.get("event") == "repeat":
+            err.print(f"repeat {event['repeat'] + 1}/{event['repeats']} (seed {event['seed']})")
+        elif event.get("event") == "fold":
             err.print(f"fold {event['fold'] + 1}/{event['folds']}: training both streams")
         elif event.get("event") == "inner":
             err.print(f"fold {event['fold'] + 1}: out-of-fold predictions from {event['inner_folds']} inner folds")

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cli.choices import PRETRAINED_HELP, WEIGHTS_HELP
 from cli.console import err, out, table
 from cli.errors import user_errors
-from cli.fusion_cmds import TTA_HELP, PresetName, metrics_table
+from cli.fusion_cmds import TTA_HELP, PresetName, metrics_table, print_paired
 
 
 def register(app: typer.Typer) -> None:
@@ -72,5 +72,6 @@ def run(
     out.print(metrics_table(f"test set ({views}; thresholds chosen on validation)", result["metrics"]))
     if result["fallback_reason"]:
         err.print(f"[yellow]fallback:[/] {result['fallback_reason']}")
+    print_paired(result["paired"])
     out.print(f"fused test accuracy {result['metrics']['fused']['accuracy']:.4f} in {total:.0f} s; "
               f"report: {result['report']}")

@@ -62,11 +62,12 @@ def cross_validate(
     inner_folds: int | None = None,
     pretrained: bool = False,
     weights: str | Path | None = None,
+    store_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Stratified group k-fold: per fold train both streams, fuse, evaluate on its test fold.
 
     `store` may also be a dataset folder or CSV: it is indexed and extracted into OUT/store.h5
-    with the preset's settings first (OUT/manifest.csv, resumable). No source recording is in two
+    (or `store_dir`/store.h5) with the preset's settings first (manifest.csv beside it, resumable). No source recording is in two
     folds; each round's validation part is carved from the training folds by group
     (data.splits.fold_split). `config` (a streams RunConfig) replaces the
     preset's training config. `seed` (the preset's; a `config` keeps its own) draws the folds
@@ -96,8 +97,9 @@ def cross_validate(
         base = replace(base, train=replace(base.train, epochs=epochs))
     base = base.with_weights(pretrained, weights)  # a missing weights file fails before any extraction
     if store.is_dir() or store.suffix.lower() == ".csv":  # a dataset: index and extract it first
-        Path(out).mkdir(parents=True, exist_ok=True)
-        store = prepare_store(store, Path(out), chosen)
+        where = Path(store_dir if store_dir is not None else out)
+        where.mkdir(parents=True, exist_ok=True)
+        store = prepare_store(store, where, chosen)
     require_store(store)
     ids, labels, groups = labels_groups(store)
     if not len(labels):
@@ -237,13 +239,41 @@ def _cv_markdown(doc: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _recording_lines(by_recording: Mapping[str, Mapping], most: int = 20) -> list[str]:
+def _repeated_markdown(doc: Mapping) -> str:
+    names = [name for name, _ in _CV_METRICS]
+    seeds = [r["seed"] for r in doc["runs"]]
+    lines = [
+        f"# Repeated cross-validation: {doc['repeats']} x {doc['folds']} folds",
+        "",
+        f"Store: {doc['store']}. {doc['repeats']} repeats of stratified group k-fold (no source recording in two "
+        f"folds of a repeat), seeds {seeds[0]} to {seeds[-1]}; each repeat's folds, fusion and thresholds as in its "
+        f"own cv.md (seed<N>/). Figures: mean ± std over repeats of each repeat's mean over its folds. "
+        f"TTA views: {doc['tta']}.",
+        "",
+        "| model | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for m, stats in doc["summary"].items():
+        lines.append(f"| {m} | " + " | ".join(f"{s['mean']:.4f} ± {s['std']:.4f}" for s in (stats[n] for n in names))
+                     + " |")
+    lines += ["", "## Per repeat (accuracy, mean over folds)", "", "| seed | rgb | flow | fused | folder |",
+              "|---:|---:|---:|---:|---|"]
+    for r in doc["runs"]:
+        lines.append(f"| {r['seed']} | " + " | ".join(f"{r['summary'][m]['accuracy']['mean']:.4f}"
+                                                     for m in ("rgb", "flow", "fused")) + f" | {r['out']} |")
+    lines += [""] + paired_lines(doc["paired"], "fused", f"every video in each of the {doc['repeats']} repeats")
+    lines += _recording_lines(doc.get("by_recording") or {}, repeats=doc["repeats"])
+    return "\n".join(lines) + "\n"
+
+
+def _recording_lines(by_recording: Mapping[str, Mapping], most: int = 20, repeats: int = 1) -> list[str]:
     """cv.md's table of wrong calls per source recording, the worst (by fused, then flow, rgb) first."""
     if not by_recording:
         return []
     order = sorted(by_recording, key=lambda g: tuple(-by_recording[g]["wrong"][m] for m in ("fused", "flow", "rgb")))
+    tested = "in one fold" if repeats == 1 else f"in one fold of each of the {repeats} repeats, and its wrong calls add up"
     lines = ["", "## Wrong calls by recording", "",
-             "Each video is tested in one fold; a recording whose calls go wrong together is where a model "
+             f"Each video is tested {tested}; a recording whose calls go wrong together is where a model "
              "does not carry over to new footage." + (f" The {most} worst of {len(order)}; all are in cv.json."
                                                       if len(order) > most else ""),
              "", "| recording | videos | violent | rgb | flow | fused |", "|---|---:|---:|---:|---:|---:|"]
@@ -252,3 +282,76 @@ def _recording_lines(by_recording: Mapping[str, Mapping], most: int = 20) -> lis
         lines.append(f"| {g} | {r['videos']} | {r['violent']} | " + " | ".join(str(r["wrong"][m]) for m in ("rgb", "flow", "fused"))
                      + " |")
     return lines
+
+
+# --- repeated cross-validation ------------------------------------------------------------------
+
+
+def repeated_cross_validate(
+    store: str | Path,
+    repeats: int,
+    out: str | Path = "runs/cv",
+    seed: int = 0,
+    config=None,
+    on_event: Event | None = None,
+    **options,
+) -> dict[str, Any]:
+    """Repeated stratified group k-fold: `cross_validate` once per seed, seed .. seed + repeats - 1.
+
+    With a dozen recordings, one draw of the folds decides much of a k-fold figure (which
+    recordings meet in a test fold); repeating over seeds and averaging is the usual remedy
+    (scikit-learn's RepeatedStratifiedKFold). Repeat r goes to OUT/seed<seed + r>/ as one
+    `cross_validate` would write it (a `config` gets train.seed + r); a dataset folder or CSV is
+    indexed and extracted once, into OUT/store.h5. OUT/cv.json and OUT/cv.md then hold the mean
+    ± std over repeats of each repeat's mean, each repeat's figures, wrong calls per recording summed
+    over repeats, and the fused model's calls against each stream's pooled over every repeat
+    (`fusion.metrics.paired_comparison` over all calls, its interval resampling whole recordings
+    with every repeat of their videos; no exact test, since repeats call the same videos again).
+    One repeat is plain `cross_validate` into OUT. Returns the doc written to cv.json.
+    """
+    from fusion.oof import labels_groups
+
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {repeats}")
+    if repeats == 1:
+        return cross_validate(store, out=out, seed=seed, config=config, on_event=on_event, **options)
+    out = Path(out)
+    docs = []
+    for r in range(repeats):
+        cfg = None if config is None else replace(config, train=replace(config.train, seed=config.train.seed + r))
+        s = seed + r if config is None else cfg.train.seed
+        if on_event is not None:
+            on_event({"event": "repeat", "repeat": r, "repeats": repeats, "seed": s})
+        where = out / f"seed{s}"
+        if r == 0 and (Path(store).is_dir() or Path(store).suffix.lower() == ".csv"):
+            options = {**options, "store_dir": out}  # the dataset is extracted once, beside the repeats
+        try:
+            docs.append(cross_validate(store, out=where, seed=s, config=cfg, on_event=on_event, **options))
+        except ValueError as exc:
+            raise ValueError(f"repeat {r + 1} of {repeats} (seed {s}): {exc}") from None
+        store = docs[-1]["store"]  # later repeats read the store the first one made or checked
+    ids, labels, groups = labels_groups(store)
+    first = docs[0]
+    summary = {m: {name: _mean_std([d["summary"][m][name]["mean"] for d in docs]) for name, _ in _CV_METRICS}
+               for m in ("rgb", "flow", "fused")}
+    rows = [row for d in docs for row in d["rounds"]]
+    doc = {"store": first["store"], "folds": first["folds"], "repeats": repeats, "tta": first["tta"],
+           "goal": first["goal"], "preset": first["preset"], "inner_folds": first["inner_folds"],
+           "runs": [{"seed": d["seed"], "out": str(out / f"seed{d['seed']}"), "summary": d["summary"]} for d in docs],
+           "summary": summary, "by_recording": _errors_by_recording(rows, ids, labels, groups),
+           "paired": _paired_over_repeats(docs, ids, groups)}
+    write_atomic(out / "cv.json", json.dumps(doc, indent=2) + "\n")
+    write_atomic(out / "cv.md", _repeated_markdown(doc))
+    return doc
+
+
+def _paired_over_repeats(docs: Sequence[Mapping], ids: np.ndarray, groups: np.ndarray) -> dict[str, dict]:
+    """The fused model's calls against each stream's, every repeat's calls of every video pooled."""
+    right = {m: [] for m in ("fused", *STREAMS)}
+    for d in docs:
+        for m in right:
+            wrong = set().union(*(r["wrong"][m] for r in d["rounds"]))
+            right[m].append(np.array([v not in wrong for v in ids.tolist()]))
+    tiled = np.tile(groups, len(docs))
+    pooled = {s: paired_comparison(np.concatenate(right["fused"]), np.concatenate(right[s]), tiled) for s in STREAMS}
+    return {s: {**r, "p_value": None} for s, r in pooled.items()}  # repeated calls of one video: no exact test

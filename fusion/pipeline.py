@@ -606,7 +606,8 @@ def run_job(
     manifest (OUT/manifest.csv), the store (OUT/store.h5, which resumes per video), the cached
     features, each trained stream (best.pt + predictions) or its last checkpoint. `pretrained` /
     `weights` start the backbones from ImageNet weights (hub cache) or a file. Returns
-    {"preset", "steps": {step: {"seconds", "status"}}, "metrics", "report", "fallback_reason"}.
+    {"preset", "steps": {step: {"seconds", "status"}}, "metrics", "report", "fallback_reason",
+    "comparison", "tta", "paired"} (see `evaluate_run`).
     """
     from fusion.presets import choose_preset, train_devices
 
@@ -645,4 +646,5 @@ def run_job(
     result = evaluate_run(out, k)
     step("fuse+evaluate", f"{k} view{'s' if k > 1 else ''}", t)
     return {"preset": chosen.name, "steps": steps, "metrics": result["metrics"], "report": result["report"],
-            "fallback_reason": result["fallback_reason"], "comparison": result["comparison"], "tta": k}
+            "fallback_reason": result["fallback_reason"], "comparison": result["comparison"], "tta": k,
+            "paired": result["paired"]}

@@ -195,8 +195,12 @@ def paired_lines(paired: Mapping[str, dict], primary: str = "fused", where: str 
              f"| 95% interval | resampled | p |", "|---|---:|---:|---:|---|---|---:|"]
     for name, r in paired.items():
         low, high = r["ci95"]
+        p = "n/a" if r["p_value"] is None else f"{r['p_value']:.3g}"
         lines.append(f"| {name} | {r['only_a']} | {r['only_b']} | {r['difference']:+.4f} | [{low:+.4f}, {high:+.4f}] "
-                     f"| {unit.get(r['resampled'], r['resampled'])} | {r['p_value']:.3g} |")
+                     f"| {unit.get(r['resampled'], r['resampled'])} | {p} |")
+    if any(r["p_value"] is None for r in paired.values()):
+        lines += ["", "p n/a: the calls include repeated calls of the same videos, which no exact test takes as "
+                      "independent; the interval resamples whole recordings with every call of their videos."]
     return lines
 
 

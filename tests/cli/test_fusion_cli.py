@@ -149,14 +149,20 @@ def test_cv_seed_with_a_config_is_refused_not_ignored(tmp_path):
                     "train.seed")
 
 
-def test_cv_asked_for_weights_the_preset_cannot_use_stops_before_any_work(tmp_path):
+@pytest.mark.parametrize("repeats", ["1", "3"])
+def test_cv_asked_for_weights_the_preset_cannot_use_stops_before_any_work(tmp_path, repeats):
     dataset = tmp_path / "data"  # never read: the weights are checked first
     dataset.mkdir()
-    _one_line_error(_run("cv", dataset, "--out", tmp_path / "cv", "--preset", "cpu", "--pretrained"),
-                    "hoghof backbone has no weights")
-    _one_line_error(_run("cv", dataset, "--out", tmp_path / "cv", "--preset", "gpu", "--weights", tmp_path / "no.pth"),
-                    "weights file not found")
+    _one_line_error(_run("cv", dataset, "--out", tmp_path / "cv", "--preset", "cpu", "--pretrained",
+                         "--repeats", repeats), "hoghof backbone has no weights")
+    _one_line_error(_run("cv", dataset, "--out", tmp_path / "cv", "--preset", "gpu", "--weights", tmp_path / "no.pth",
+                         "--repeats", repeats), "weights file not found")
     assert not (tmp_path / "cv").exists()
+
+
+def test_cv_repeats_below_one(tmp_path):
+    _one_line_error(_run("cv", tmp_path / "none.h5", "--out", tmp_path / "cv", "--repeats", "0"),
+                    "--repeats must be at least 1")
 
 
 def test_cv_negative_seed(tmp_path):

@@ -57,6 +57,7 @@ def test_run_end_to_end_then_resume(tmp_path, monkeypatch):
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert set(metrics["models"]) == {"rgb", "flow", "fused"}
     assert "fused" in res.output and f"report: {out / 'eval' / 'report.md'}" in res.output.replace("\n", "")
+    assert "fused vs rgb: right where rgb is wrong on" in res.output and "fused vs flow:" in res.output
 
     # A second run finds every step done and only re-evaluates.
     mtime = (out / "flow" / "best.pt").stat().st_mtime

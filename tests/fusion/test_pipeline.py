@@ -323,6 +323,64 @@ def test_cross_validation_of_a_dataset_folder_indexes_and_extracts_it_first(tmp_
     assert doc["folds"] == 2
 
 
+def test_repeated_cross_validation_extracts_once_and_pools_every_repeat(tmp_path, monkeypatch):
+    from data.synthetic import SyntheticSpec, generate_dataset
+    from fusion.presets import CPU
+
+    data = generate_dataset(tmp_path / "data", SyntheticSpec(videos=32, recordings=8, frames=(6, 8), size=(48, 64)))
+    seen = []
+
+    def fake_train(store_path, out, cfg, devices, on_event=None):
+        seen.append((Path(store_path), cfg.train.seed))
+        return fake_fold_training(store_path, out, cfg, noise=2.0)
+
+    monkeypatch.setattr(crossval, "train_run", fake_train)
+    events = []
+    out = tmp_path / "cv"
+    doc = crossval.repeated_cross_validate(data, 3, out, seed=2, on_event=events.append, folds=2, preset=CPU,
+                                           inner_folds=0)
+    assert {store for store, _ in seen} == {out / "store.h5"} and [s for _, s in seen] == [2, 2, 3, 3, 4, 4]
+    assert [e["seed"] for e in events if e["event"] == "repeat"] == [2, 3, 4]
+    runs = [json.loads((out / f"seed{s}" / "cv.json").read_text()) for s in (2, 3, 4)]
+    assert [r["seed"] for r in runs] == [2, 3, 4] and doc["repeats"] == 3
+    for m in ("rgb", "flow", "fused"):
+        means = [r["summary"][m]["accuracy"]["mean"] for r in runs]
+        assert doc["summary"][m]["accuracy"]["mean"] == pytest.approx(np.mean(means))
+        assert doc["summary"][m]["accuracy"]["std"] == pytest.approx(np.std(means, ddof=1))
+        assert sum(r["wrong"][m] for r in doc["by_recording"].values()) == sum(
+            sum(g["wrong"][m] for g in r["by_recording"].values()) for r in runs)
+    for s in ("rgb", "flow"):  # every repeat's calls pooled; no exact test over repeated calls
+        pooled = doc["paired"][s]
+        assert pooled["n"] == 3 * 32 and pooled["p_value"] is None and pooled["resampled"] == "recording"
+        assert pooled["only_a"] == sum(r["paired"][s]["only_a"] for r in runs)
+        assert pooled["only_b"] == sum(r["paired"][s]["only_b"] for r in runs)
+        assert pooled["difference"] == pytest.approx(np.mean([r["paired"][s]["difference"] for r in runs]))
+    md = (out / "cv.md").read_text()
+    assert "# Repeated cross-validation: 3 x 2 folds" in md and "p n/a" in md and "| 4 |" in md
+    assert json.loads((out / "cv.json").read_text())["runs"][2]["seed"] == 4
+
+
+def test_repeated_cross_validation_with_a_config_counts_from_its_seed(tmp_path, monkeypatch):
+    from fusion.presets import CPU
+
+    store = tmp_path / "s.h5"
+    rng = np.random.default_rng(0)
+    with StoreWriter(store, flow_codec="float16") as w:
+        for i in range(24):  # 6 recordings of 4 clips
+            w.write(f"v{i:02d}", rng.integers(0, 255, (3, 16, 16, 3), dtype=np.uint8), np.zeros((2, 16, 16, 2), np.float32),
+                    dict(label=int(i % 4 < 2), group=f"rec{i // 4}", source_path=f"/v{i}.mp4", source_fps=10.0,
+                         source_size=[16, 16], flow_method="synthetic"))
+    monkeypatch.setattr(crossval, "train_run", lambda store_path, out, cfg, devices, on_event=None:
+                        fake_fold_training(store_path, out, cfg))
+    doc = crossval.repeated_cross_validate(store, 2, tmp_path / "cv", seed=0, config=CPU.run_config(seed=7), folds=2,
+                                           preset=CPU, inner_folds=0)
+    assert [r["seed"] for r in doc["runs"]] == [7, 8] and (tmp_path / "cv" / "seed8" / "cv.json").is_file()
+    one = crossval.repeated_cross_validate(store, 1, tmp_path / "one", folds=2, preset=CPU, inner_folds=0)
+    assert "repeats" not in one and (tmp_path / "one" / "fold1").is_dir()  # one repeat is plain cross-validation
+    with pytest.raises(ValueError, match="--repeats must be at least 1"):
+        crossval.repeated_cross_validate(store, 0, tmp_path / "none", folds=2, preset=CPU)
+
+
 def test_preparing_a_dataset_with_a_broken_video_skips_it_and_says_where_why_is(tmp_path):
     from data.store import Store
     from data.synthetic import SyntheticSpec, generate_dataset
