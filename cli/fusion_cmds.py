@@ -120,11 +120,13 @@ def evaluate(
 
 
 def print_paired(paired: dict) -> None:
-    """One line per stream: the videos fused calls right where the stream does not, and the reverse."""
+    """One line per stream: the videos fused calls right where the stream does not, and the reverse
+    (calls, when repeats call each video again: no exact test then)."""
     for s, r in paired.items():
         low, high = r["ci95"]
         test = "" if r["p_value"] is None else f"; McNemar p {r['p_value']:.3g}"
-        out.print(f"fused vs {s}: right where {s} is wrong on {r['only_a']}, wrong where it is right on "
+        unit = "calls" if r["p_value"] is None else "videos"
+        out.print(f"fused vs {s}: right where {s} is wrong on {r['only_a']} {unit}, wrong where it is right on "
                   f"{r['only_b']} (accuracy {r['difference']:+.4f}, 95% interval [{low:+.4f}, {high:+.4f}] "
                   f"by {r['resampled']}{test})", soft_wrap=True)
 
@@ -140,7 +142,7 @@ def cv(
     devices: Annotated[str | None, typer.Option(help="One device per stream, e.g. cuda:0,cuda:1 or cpu,cpu.")] = None,
     tta: Annotated[int, typer.Option(help=TTA_HELP)] = 1,
     goal: Annotated[Goal, typer.Option(help="Operating-point goal, chosen per fold where fusion is fitted (see --inner-folds).")] = Goal.accuracy,
-    seed: Annotated[int | None, typer.Option(help="Seed of the folds and of training (preset only; a --config sets train.seed); rerun with others for repeated k-fold. Default 0.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the folds and of training (preset only; a --config sets train.seed); --repeats counts up from it. Default 0.")] = None,
     inner_folds: Annotated[int | None, typer.Option(help="Fit fusion and thresholds on out-of-fold predictions of each fold's non-test videos from K inner group folds, and score its test videos with the mean of those K heads (0 = fit on its validation part, score with the fold's own heads; default: the preset's).")] = None,
     pretrained: Annotated[bool, typer.Option(help=PRETRAINED_HELP)] = False,
     weights: Annotated[Path | None, typer.Option(help=WEIGHTS_HELP)] = None,
@@ -159,8 +161,6 @@ def cv(
         from streams.rundir import resolve_run_config
 
         cfg = resolve_run_config(config)
-    if repeats < 1:
-        raise ValueError(f"--repeats must be at least 1, got {repeats}")
     doc = repeated_cross_validate(store, repeats, out_dir, seed or 0, cfg, _fold_printer(), folds=folds,
                                   preset=preset.value, devices=_parse_devices(devices), tta=tta, epochs=epochs,
                                   goal=goal.value, inner_folds=inner_folds, pretrained=pretrained, weights=weights)

@@ -21,6 +21,8 @@ _EXPORTS = {
     "fuse_run": "fusion.pipeline",
     "evaluate_run": "fusion.pipeline",
     "cross_validate": "fusion.crossval",
+    "repeated_cross_validate": "fusion.crossval",
+    "paired_comparison": "fusion.metrics",
     "run_job": "fusion.pipeline",
     "score_video": "fusion.predict",
     "Preset": "fusion.presets",

@@ -71,7 +71,7 @@ def cross_validate(
     folds; each round's validation part is carved from the training folds by group
     (data.splits.fold_split). `config` (a streams RunConfig) replaces the
     preset's training config. `seed` (the preset's; a `config` keeps its own) draws the folds
-    and seeds training: repeated with other seeds, it is repeated k-fold cross-validation.
+    and seeds training (`repeated_cross_validate` repeats it over seeds).
     `inner_folds` K >= 2 (None: the preset's, lowered or off where the data or training rule it
     out; 0: off) fits fusion and every threshold on
     out-of-fold predictions of each fold's non-test videos from K inner group folds (fusion.oof)
@@ -79,8 +79,10 @@ def cross_validate(
     heads per stream (stacking): the thresholds meet scores of the models they were fitted on. With
     `tta` views both are means over the same views.
     `pretrained` / `weights` start the backbones from ImageNet weights (hub cache) or a file.
-    Writes OUT/fold<k>/ runs, OUT/cv.json and OUT/cv.md; returns the
-    summary {"folds": [...], "summary": {model: {metric: {"mean", "std"}}}}.
+    Writes OUT/fold<k>/ runs, OUT/cv.json and OUT/cv.md; returns the doc written to cv.json:
+    {"store", "folds" (count), "tta", "goal", "preset", "seed", "inner_folds", "rounds" (one per
+    fold: its figures per model, "tested" and "wrong" video ids), "summary": {model: {metric:
+    {"mean", "std"}}}, "by_recording", "paired"}.
     """
     from data.store import require_store
     from fusion.oof import check_inner_folds, labels_groups, out_of_fold
@@ -139,14 +141,14 @@ def cross_validate(
                      "fitted_on": "validation" if fit_set is None else "out-of-fold", "n_fit": result["n_fit"],
                      **{m: {name: _pick(result["metrics"][m], keys) for name, keys in _CV_METRICS}
                         for m in ("rgb", "flow", "fused")},
-                     "n_test": result["metrics"]["fused"]["n"], "wrong": result["wrong"]})
+                     "n_test": result["metrics"]["fused"]["n"], "tested": result["tested"], "wrong": result["wrong"]})
         logger.info("fold %d/%d: fused accuracy %.4f", fold + 1, folds, rows[-1]["fused"]["accuracy"])
     summary = {m: {name: _mean_std([r[m][name] for r in rows]) for name, _ in _CV_METRICS}
                for m in ("rgb", "flow", "fused")}
     doc = {"store": str(store.resolve()), "folds": folds, "tta": k, "goal": goal, "preset": chosen.name,
            "seed": base.train.seed, "inner_folds": n_inner, "rounds": rows, "summary": summary,
            "by_recording": _errors_by_recording(rows, ids, labels, groups),
-           "paired": _paired_over_folds(rows, ids, groups)}
+           "paired": _paired_calls(rows, dict(zip(ids.tolist(), groups.tolist(), strict=True)))}
     write_atomic(out / "cv.json", json.dumps(doc, indent=2) + "\n")
     write_atomic(out / "cv.md", _cv_markdown(doc))
     return doc
@@ -169,12 +171,18 @@ def _errors_by_recording(rows: Sequence[Mapping], ids: np.ndarray, labels: np.nd
     return out
 
 
-def _paired_over_folds(rows: Sequence[Mapping], ids: np.ndarray, groups: np.ndarray) -> dict[str, dict]:
-    """The fused model's calls against each stream's over every video, each called in the fold
-    that tested it (`fusion.metrics.paired_comparison`, resampling recordings). Shape: ids, groups (N,)."""
-    wrong = {m: set().union(*(r["wrong"][m] for r in rows)) for m in ("fused", *STREAMS)}
-    right = {m: np.array([v not in w for v in ids.tolist()]) for m, w in wrong.items()}
-    return {s: paired_comparison(right["fused"], right[s], groups) for s in STREAMS}
+def _paired_calls(rows: Sequence[Mapping], recording: Mapping[str, str], exact: bool = True) -> dict[str, dict]:
+    """The fused model's calls against each stream's on every video a round tested, as it called it
+    there (`fusion.metrics.paired_comparison`, resampling the recordings in `recording`: video id
+    -> recording). Rounds of several repeats call a video again: then `exact` is False and the
+    p-value None, as no exact test takes repeated calls as independent."""
+    models = ("fused", *STREAMS)
+    tested = [v for r in rows for v in r["tested"]]
+    wrong = [{m: set(r["wrong"][m]) for m in models} for r in rows]
+    right = {m: np.array([v not in w[m] for r, w in zip(rows, wrong, strict=True) for v in r["tested"]]) for m in models}
+    groups = np.array([recording.get(v, v) for v in tested])
+    out = {s: paired_comparison(right["fused"], right[s], groups) for s in STREAMS}
+    return out if exact else {s: {**r, "p_value": None} for s, r in out.items()}
 
 
 def _preset_inner_folds(store: Path, base, folds: int, wanted: int) -> int:
@@ -324,7 +332,7 @@ def repeated_cross_validate(
             on_event({"event": "repeat", "repeat": r, "repeats": repeats, "seed": s})
         where = out / f"seed{s}"
         if r == 0 and (Path(store).is_dir() or Path(store).suffix.lower() == ".csv"):
-            options = {**options, "store_dir": out}  # the dataset is extracted once, beside the repeats
+            options = {"store_dir": out, **options}  # the dataset is extracted once, beside the repeats
         try:
             docs.append(cross_validate(store, out=where, seed=s, config=cfg, on_event=on_event, **options))
         except ValueError as exc:
@@ -339,19 +347,7 @@ def repeated_cross_validate(
            "goal": first["goal"], "preset": first["preset"], "inner_folds": first["inner_folds"],
            "runs": [{"seed": d["seed"], "out": str(out / f"seed{d['seed']}"), "summary": d["summary"]} for d in docs],
            "summary": summary, "by_recording": _errors_by_recording(rows, ids, labels, groups),
-           "paired": _paired_over_repeats(docs, ids, groups)}
+           "paired": _paired_calls(rows, dict(zip(ids.tolist(), groups.tolist(), strict=True)), exact=False)}
     write_atomic(out / "cv.json", json.dumps(doc, indent=2) + "\n")
     write_atomic(out / "cv.md", _repeated_markdown(doc))
     return doc
-
-
-def _paired_over_repeats(docs: Sequence[Mapping], ids: np.ndarray, groups: np.ndarray) -> dict[str, dict]:
-    """The fused model's calls against each stream's, every repeat's calls of every video pooled."""
-    right = {m: [] for m in ("fused", *STREAMS)}
-    for d in docs:
-        for m in right:
-            wrong = set().union(*(r["wrong"][m] for r in d["rounds"]))
-            right[m].append(np.array([v not in wrong for v in ids.tolist()]))
-    tiled = np.tile(groups, len(docs))
-    pooled = {s: paired_comparison(np.concatenate(right["fused"]), np.concatenate(right[s]), tiled) for s in STREAMS}
-    return {s: {**r, "p_value": None} for s, r in pooled.items()}  # repeated calls of one video: no exact test

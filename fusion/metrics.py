@@ -145,6 +145,8 @@ def paired_comparison(
 
     Shape: correct_a, correct_b, groups (N,); correct_* are booleans (a model's call is right).
     """
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"resamples must be a positive integer, got {resamples!r}")
     a = np.asarray(correct_a, dtype=bool).reshape(-1)
     b = np.asarray(correct_b, dtype=bool).reshape(-1)
     if a.shape != b.shape or a.size == 0:

@@ -417,7 +417,7 @@ def evaluate_run(
 
     Returns {"metrics": {"rgb", "flow", "fused"} -> compute_metrics dict, "report": report.md path,
     "eval_dir", "tta", "fallback_reason", "fusion_method" ("learned", "equal", "single"; None for an
-    ensemble), "comparison", "n_fit", "wrong": {"rgb", "flow", "fused"} -> the test videos each
+    ensemble), "comparison", "n_fit", "tested": the test videos (sorted ids), "wrong": {"rgb", "flow", "fused"} -> those each
     model calls wrongly at its threshold (sorted ids), "paired": {"rgb", "flow"} -> the fused model's
     calls against that stream's on the same test videos (`fusion.metrics.paired_comparison`)}.
     """
@@ -461,6 +461,7 @@ def evaluate_run(
         "fusion_method": getattr(outcome.model, "method", None),
         "comparison": outcome.comparison,
         "n_fit": len(outcome.val["rgb"]),
+        "tested": ids,
         "wrong": {m: sorted(v for v, ok in right[m].items() if not ok) for m in predictions},
         "paired": paired,
     }
@@ -509,6 +510,9 @@ def train_run(
     if not todo:
         return status
     resume = {s: (out / s / "last.pt").is_file() for s in todo}
+    for s in todo:
+        if resume[s]:  # a head cut short on other descriptors must not carry on with these
+            RunDir(out, s).check_encoder()
     if len(todo) == 2 and resume["rgb"] == resume["flow"]:
         outcomes = train_both(store, out, cfg, list(devices), resume=resume["rgb"], on_event=on_event)
         failed = [o for o in outcomes.values() if not o.ok]

@@ -296,12 +296,13 @@ class RunDir:
 
         if not self.config_path.is_file():
             return
-        cfg, info = self.read_config()
-        current, recorded = encoder_version(cfg.model.backbone), info.get("encoder_version")
+        saved = read_toml(self.config_path)  # only two fields: a config this version cannot resolve still has them
+        backbone = saved.get("model", {}).get("backbone", ModelConfig.backbone)
+        current, recorded = encoder_version(backbone), saved.get("run", {}).get("encoder_version")
         if recorded == current or (current == 0 and recorded is None):
             return
         made = f"version {recorded}" if recorded is not None else "an earlier version (unrecorded)"
-        raise ValueError(f"{self.root} was trained on {cfg.model.backbone} descriptors of {made}, and this twostream "
+        raise ValueError(f"{self.root} was trained on {backbone} descriptors of {made}, and this twostream "
                          f"computes version {current}: its predictions are stale; delete the folder to retrain it, "
                          "or choose another --out")
 

@@ -149,3 +149,5 @@ def test_paired_comparison_refuses_mismatched_calls():
         paired_comparison([1, 0], [1])
     with pytest.raises(ValueError, match="one recording per video"):
         paired_comparison([1, 0], [1, 1], groups=["A"])
+    with pytest.raises(ValueError, match="resamples must be a positive integer"):
+        paired_comparison([1, 0], [1, 1], resamples=0)

@@ -291,6 +291,7 @@ def test_cross_validation_rounds_hold_out_whole_recordings(tmp_path, monkeypatch
     md = (tmp_path / "cv" / "cv.md").read_text()
     assert "## Wrong calls by recording" in md and len(re.findall(r"^\| rec\d \|", md, re.M)) == 8
     assert sum(r["wrong"]["rgb"] for r in by_rec.values()) > 0
+    assert sorted(v for r in doc["rounds"] for v in r["tested"]) == [f"v{i:02d}" for i in range(40)]
     # The paired comparison pools every fold's calls: its counts are the wrong calls' set differences.
     wrong = {m: {v for f in doc["rounds"] for v in f["wrong"][m]} for m in ("rgb", "flow", "fused")}
     for s in ("rgb", "flow"):

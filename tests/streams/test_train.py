@@ -344,7 +344,7 @@ def test_fit_stage_stops_early_without_improvement(tmp_path):
 def test_a_stream_trained_on_other_descriptors_is_stale(tmp_path, backbone, recorded, stale):
     from dataclasses import replace
 
-    from fusion.pipeline import check_run
+    from fusion.pipeline import check_run, train_run
     from streams.hoghof import VERSION
     from streams.rundir import load_stream_model
 
@@ -368,3 +368,6 @@ def test_a_stream_trained_on_other_descriptors_is_stale(tmp_path, backbone, reco
         check_run(tmp_path, streams=("rgb",))
     with pytest.raises(ValueError, match="stale"):
         load_stream_model(run.path)
+    (run.path / "last.pt").write_bytes(b"")  # cut short: resuming it would carry on with other descriptors
+    with pytest.raises(ValueError, match="stale"):
+        train_run(tmp_path / "s.h5", tmp_path, tiny_config())
