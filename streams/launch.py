@@ -293,6 +293,7 @@ def _train_stream(store: Path, stream: str, run: RunDir, cfg: RunConfig, info: D
         if not run.checkpoint_path("last").is_file():
             raise FileNotFoundError(f"nothing to resume: {run.checkpoint_path('last')} does not exist; "
                                     "drop --resume to start this run")
+        run.check_encoder()  # a head cut short on other hoghof descriptors must not carry on with these
         saved, _ = run.read_config()
         ignore = RUNTIME_KEYS | {("train", "views"), ("train", "minority_views")}
         diff = config_differences(saved, cfg, ignore)

@@ -371,3 +371,6 @@ def test_a_stream_trained_on_other_descriptors_is_stale(tmp_path, backbone, reco
     (run.path / "last.pt").write_bytes(b"")  # cut short: resuming it would carry on with other descriptors
     with pytest.raises(ValueError, match="stale"):
         train_run(tmp_path / "s.h5", tmp_path, tiny_config())
+    with pytest.raises(ValueError, match="stale"):  # `twostream train --resume` alike
+        train_stream(make_data(tmp_path / "data", n=8, streams=("rgb",)), "rgb", tmp_path, replace(tiny_config(), model=replace(TINY, backbone=backbone)),
+                     "cpu", resume=True)
