@@ -2,7 +2,8 @@
 
 Layout of a store file:
 
-    /                         attrs: schema_version, created_at, created_with, + the writer's root_attrs
+    /                         attrs: schema_version, created_at, store_id (random, per store), created_with,
+                              + the writer's root_attrs
     /videos/<video_id>/       attrs: as written + rgb_codec, flow_codec, flow_bound, num_frames,
                               flow_nbytes
         rgb                   T frames: (T,) JPEG byte strings for rgb_codec "jpeg", (T, H, W, 3)
@@ -162,6 +163,12 @@ def store_exists(path: str | Path) -> bool:
     """Whether a store is at `path`: its main file, or the committed parts of an extraction still running."""
     path = Path(path)
     return path.exists() or parts_dir(path).is_dir()
+
+
+def store_identity(root_attrs: dict) -> str:
+    """What tells a store from another one made at the same path (deleted and extracted again):
+    its `store_id`, or for a store made before those were recorded its creation time; "" if neither."""
+    return str(root_attrs.get("store_id") or root_attrs.get("created_at") or "")
 
 
 def require_store(path: str | Path) -> Path:
@@ -374,6 +381,7 @@ class StoreWriter:
     def _root_header(self, base: dict | None = None) -> dict:
         header = dict(base or {})
         header.setdefault("created_at", now())
+        header.setdefault("store_id", uuid.uuid4().hex)  # tells this store from one made again at its path
         header.update(
             schema_version=SCHEMA_VERSION,
             created_with=created_with(),
