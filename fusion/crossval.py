@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from fusion.metrics import paired_comparison
-from fusion.pipeline import STREAMS, Event, evaluate_run, prepare_store, train_run
+from fusion.pipeline import STREAMS, Event, claim_output, evaluate_run, prepare_store, train_run
 from fusion.predictions import write_atomic
 from fusion.report import paired_lines
 from fusion.tta import check_tta
@@ -101,6 +101,7 @@ def cross_validate(
     if store.is_dir() or store.suffix.lower() == ".csv":  # a dataset: index and extract it first
         where = Path(store_dir if store_dir is not None else out)
         where.mkdir(parents=True, exist_ok=True)
+        claim_output(where, str(store.resolve()))  # another dataset's store and folds are not reused
         store = prepare_store(store, where, chosen)
     require_store(store)
     ids, labels, groups = labels_groups(store)

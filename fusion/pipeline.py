@@ -53,7 +53,7 @@ _SUMMARY_KEYS = ("threshold", "accuracy", "macro_f1", "roc_auc", "log_loss")
 
 def check_run(run_dir: str | Path, streams: Sequence[str] = STREAMS) -> Path:
     """The run folder, or a one-line error naming the first stream that has no predictions or
-    stale ones (`streams.rundir.RunDir.check_encoder`)."""
+    stale ones (`streams.rundir.RunDir.check_encoder`, `check_store`)."""
     from streams.rundir import RunDir
 
     run = Path(run_dir)
@@ -70,6 +70,7 @@ def check_run(run_dir: str | Path, streams: Sequence[str] = STREAMS) -> Path:
                     f"train it with `twostream train STORE --stream {stream} --out {run}`"
                 )
         RunDir(run, stream).check_encoder()
+        RunDir(run, stream).check_store()
     return run
 
 
@@ -502,6 +503,7 @@ def train_run(
     status = {s: "reused" for s in STREAMS if s not in todo}
     for s in status:
         RunDir(out, s).check_encoder()
+        RunDir(out, s).check_store(store)
         saved, _ = RunDir(out, s).read_config()
         diff = config_differences(saved, cfg, RUNTIME_KEYS)
         if diff:
@@ -511,8 +513,9 @@ def train_run(
         return status
     resume = {s: (out / s / "last.pt").is_file() for s in todo}
     for s in todo:
-        if resume[s]:  # a head cut short on other descriptors must not carry on with these
+        if resume[s]:  # a head cut short on other descriptors or another store must not carry on with these
             RunDir(out, s).check_encoder()
+            RunDir(out, s).check_store(store)
     if len(todo) == 2 and resume["rgb"] == resume["flow"]:
         outcomes = train_both(store, out, cfg, list(devices), resume=resume["rgb"], on_event=on_event)
         failed = [o for o in outcomes.values() if not o.ok]
@@ -561,11 +564,16 @@ def prepare_store(source: str | Path, out: Path, preset, groups: Path | None = N
     step = step or (lambda name, status, start: logger.info("%s: %s", name, status))
     manifest = out / "manifest.csv"
     t = time.perf_counter()
+    indexed = index_dataset(source, groups_file=groups)  # listing files is cheap: done every time
     if manifest.is_file():
         rows = read_manifest(manifest)
+        changes = dataset_changes(rows, indexed)
+        if changes:
+            raise ValueError(f"{source} changed since {manifest} was written ({changes}), so the store and streams "
+                             f"in {out} are of the old dataset; choose another --out to start over")
         step("index", "reused", t)
     else:
-        rows = assign_splits(index_dataset(source, groups_file=groups))
+        rows = assign_splits(indexed)
         write_manifest(rows, manifest)
         step("index", f"{len(rows)} videos", t)
     t = time.perf_counter()
@@ -578,7 +586,19 @@ def prepare_store(source: str | Path, out: Path, preset, groups: Path | None = N
     return store
 
 
-def _claim(out: Path, source: str) -> None:
+def dataset_changes(before: Sequence, now: Sequence) -> str:
+    """What differs between two indexings of a dataset (ManifestRows; splits aside, they are
+    assigned after indexing), e.g. "2 added, 1 removed, 3 relabelled"; "" when nothing does."""
+    old, new = {r.video_id: r for r in before}, {r.video_id: r for r in now}
+    both = old.keys() & new.keys()
+    counts = (("added", len(new.keys() - old.keys())), ("removed", len(old.keys() - new.keys())),
+              ("relabelled", sum(old[v].label != new[v].label for v in both)),
+              ("moved to another recording", sum(old[v].group != new[v].group for v in both)),
+              ("at another path", sum(Path(old[v].path).resolve() != Path(new[v].path).resolve() for v in both)))
+    return ", ".join(f"{n} {what}" for what, n in counts if n)
+
+
+def claim_output(out: Path, source: str) -> None:
     """Record in OUT/job.json which dataset the job in `out` is of; refuse another dataset there,
     whose steps would otherwise be taken for done (its manifest, store and streams reused)."""
     path = out / "job.json"
@@ -624,7 +644,7 @@ def run_job(
     if data_dir is not None and not Path(data_dir).exists():
         raise FileNotFoundError(f"dataset {data_dir} does not exist")
     out.mkdir(parents=True, exist_ok=True)
-    _claim(out, "the embedded synthetic dataset" if data_dir is None else str(Path(data_dir).resolve()))
+    claim_output(out, "the embedded synthetic dataset" if data_dir is None else str(Path(data_dir).resolve()))
     steps: dict[str, dict] = {}
 
     def step(name: str, status: str, start: float) -> None:

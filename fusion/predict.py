@@ -185,6 +185,10 @@ class Scorer:
         if not fusion_path.is_file():
             logger.info("%s has no fusion.json; fitting fusion on validation first", self.run)
             fuse_run(self.run)
+        newer = [s for s in STREAMS if (self.run / s / "best.pt").stat().st_mtime > fusion_path.stat().st_mtime]
+        if newer:  # its weights and threshold were fitted on the predictions of streams since replaced
+            raise ValueError(f"{fusion_path} was fitted before {' and '.join(f'{s}/best.pt' for s in newer)} was "
+                             f"trained again; refit it with `twostream fuse {self.run}`")
         self.fusion: FusionModel = load_fusion(fusion_path)
         if any(":emb" in f for f in self.fusion.features):
             raise ValueError(f"{fusion_path} fuses embeddings; window scoring needs a logit-only fusion")

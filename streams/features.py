@@ -5,8 +5,10 @@ A features file sits beside its store as `<store>.features-<stream>-<backbone>.h
     /                attrs: schema_version, stream, backbone, feature_dim, clip (ClipConfig as
                      JSON), augment (JSON), views, minority_views, minority_label, seed, pretrained,
                      weights_path, encoder_version (hoghof's descriptor version; 0 for CNNs, whose
-                     features the seed or weights fix), store (absolute path), store_flow (the
-                     store's flow settings, JSON)
+                     features the seed or weights fix), store (absolute path), store_id (the
+                     store's identity: `data.store.store_identity`, so a store deleted and extracted
+                     again at the same path is not mistaken for this one), store_flow (the store's
+                     flow settings, JSON)
     /videos/<id>/    attrs: label, views
         features     (V, T, D) float16    view 0 = the plain uniform clip (what evaluation sees),
                                           views 1.. = seeded augmented draws (`ClipDataset` views)
@@ -40,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.augment import AugmentConfig
 from data.clips import ClipConfig, ClipDataset, clip_inputs
-from data.store import CorruptStoreError, FeatureCacheError, Store, require_store
+from data.store import CorruptStoreError, FeatureCacheError, Store, require_store, store_identity
 from flow.devices import resolve_device
 from streams.backbones import build_backbone
 from streams.hoghof import VERSION as HOGHOF_VERSION
@@ -114,18 +116,20 @@ def cache_features(
         "weights_path": str(weights_path or ""),
         "encoder_version": encoder_version(backbone),
         "store": str(store_path.resolve()),
+        # The path alone does not tell a store extracted again in its place (other videos or labels).
+        "store_id": store_identity(store_root),
         "store_flow": store_flow_signature(store_root),
     }
     out = Path(out_path) if out_path is not None else features_path(store_path, stream, backbone)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output folder {out.parent} does not exist")
-    if set(ids) <= _finished(out, settings):
+    if set(ids) <= _finished(out, settings, labels):
         log.info("%s already holds these features", out)
         if on_progress is not None:
             on_progress(len(ids), len(ids))
         return out
     partial = out.with_name(out.name + ".partial")
-    done = _resume(partial, settings)
+    done = _resume(partial, settings, labels)
     todo = [v for v in ids if v not in done]
     n_views = {v: minority_views if labels[v] == minority else views for v in ids}
     log.info("caching %s %s features of %d videos (%d done before), %d views each (%d for label %d)",
@@ -219,19 +223,27 @@ def _same_settings(attrs: Any, settings: dict) -> bool:
     return all(k in attrs and plain(attrs[k]) == v for k, v in settings.items())
 
 
-def _finished(path: Path, settings: dict) -> set[str]:
-    """Videos of a finished features file made with `settings` (empty when absent or different)."""
+def _finished(path: Path, settings: dict, labels: dict[str, int]) -> set[str]:
+    """Videos of a finished features file made with `settings` (empty when absent or different),
+    less those labelled otherwise than `labels` says: training takes its labels from this file."""
     if not path.exists():
         return set()
     try:
         with h5py.File(path, "r") as f:
-            return set(f["videos"]) if _same_settings(f.attrs, settings) else set()
+            if not _same_settings(f.attrs, settings):
+                return set()
+            return {v for v, group in f["videos"].items() if _same_label(v, group, labels)}
     except (OSError, KeyError):
         return set()
 
 
-def _resume(partial: Path, settings: dict) -> set[str]:
-    """Whole videos of an interrupted run with the same settings; a broken partial file is dropped."""
+def _same_label(video_id: str, group: h5py.Group, labels: dict[str, int]) -> bool:
+    """Whether a cached video carries the label `labels` gives it (a video `labels` lacks is not asked about)."""
+    return video_id not in labels or ("label" in group.attrs and int(group.attrs["label"]) == labels[video_id])
+
+
+def _resume(partial: Path, settings: dict, labels: dict[str, int]) -> set[str]:
+    """Whole videos of an interrupted run with the same settings and labels; a broken partial file is dropped."""
     if not partial.exists():
         return set()
     try:
@@ -241,7 +253,8 @@ def _resume(partial: Path, settings: dict) -> set[str]:
                 return set()
             done = set()
             for video_id, group in f["videos"].items():
-                if "features" in group and "index" in group and group["features"].shape[0] == group.attrs.get("views"):
+                if ("features" in group and "index" in group and group["features"].shape[0] == group.attrs.get("views")
+                        and _same_label(video_id, group, labels)):
                     done.add(video_id)
             return done
     except (OSError, KeyError, ValueError) as exc:

@@ -162,10 +162,11 @@ def ensure_features(store: Path, stream: str, cfg: RunConfig, device: torch.devi
                     on_event: Event | None = None) -> tuple[Path, RunConfig]:
     """The features file for stage 1, cached now when missing or made with other clip/backbone settings.
 
-    An existing file with the same clips and backbone weights is used as it is; its views replace
-    the config's so the saved config says what trained.
+    An existing file with the same clips and backbone weights, made from this very store (not one
+    deleted and extracted again at its path: stage 1 takes its labels from the features file), is
+    used as it is; its views replace the config's so the saved config says what trained.
     """
-    from data.store import Store
+    from data.store import Store, store_identity
     from streams.features import (
         cache_features,
         encoder_version,
@@ -178,15 +179,25 @@ def ensure_features(store: Path, stream: str, cfg: RunConfig, device: torch.devi
     with Store(store) as s:
         all_ids = set(s.video_ids)
         flow_settings = store_flow_signature(s.root_attrs)
+        identity = store_identity(s.root_attrs)
     attrs = _features_attrs(path)
+    # A file made before features recorded their store lacks store_id: it cannot be vouched for, so it is made again.
     wanted = {"stream": stream, "backbone": cfg.model.backbone, "clip": json.dumps(clip.to_dict(), sort_keys=True),
-              "pretrained": cfg.model.pretrained, "weights_path": str(cfg.model.weights_path or "")}
+              "pretrained": cfg.model.pretrained, "weights_path": str(cfg.model.weights_path or ""),
+              "store_id": identity}
     version = encoder_version(cfg.model.backbone)
     if version:  # hoghof: features of another descriptor version are stale
         wanted["encoder_version"] = version
+    elif not cfg.model.pretrained and not cfg.model.weights_path:
+        # A randomly initialised CNN is whatever the seed draws, and stage 2, TTA and predict rebuild it from
+        # the run's seed: features of another seed came from another network.
+        wanted["seed"] = cfg.train.seed
+    if attrs is not None and max(int(attrs.get("views", 1)), int(attrs.get("minority_views", 1))) > 1:
+        wanted["augment"] = json.dumps(cfg.augment.to_dict(), sort_keys=True)  # views 1.. are augmented draws
     if attrs is not None and attrs.get("store_flow", "{}") != "{}":  # a store re-extracted with other settings
         wanted["store_flow"] = flow_settings
-    if attrs is not None and all(attrs.get(k) == v for k, v in wanted.items()) and all_ids <= attrs["videos"]:
+    if (attrs is not None and all(attrs.get(k) == v for k, v in wanted.items()) and all_ids <= attrs["videos"]
+            and _same_labels(store, path, all_ids)):
         log.info("using cached features %s", path)
     else:
         log.info("caching %s features in %s", stream, path)
@@ -220,6 +231,30 @@ def _features_attrs(path: Path) -> dict[str, Any] | None:
             return attrs
     except (OSError, KeyError):
         return None
+
+
+def _store_identity(store: Path) -> str:
+    """The store's identity (`data.store.store_identity`), recorded with a run so that a store
+    extracted again at the same path is not taken for the one the run was trained on."""
+    from data.store import Store, store_identity
+
+    with Store(store) as s:
+        return store_identity(s.root_attrs)
+
+
+def _same_labels(store: Path, path: Path, video_ids: set[str]) -> bool:
+    """Whether the features file labels `video_ids` as the store does: stage 1 trains on the file's labels,
+    so a store relabelled in place (or one too old to record an identity) must not keep stale ones."""
+    import h5py
+
+    from data.store import Store
+
+    try:
+        with Store(store) as s, h5py.File(path, "r") as f:
+            videos = f["videos"]
+            return all(int(videos[v].attrs["label"]) == s.label(v) for v in sorted(video_ids))
+    except (OSError, KeyError):
+        return False
 
 
 def _shard(n: int, rank: int, world: int) -> np.ndarray:
@@ -341,7 +376,8 @@ def _run(store: Path, stream: str, run: RunDir, cfg: RunConfig, info: DistInfo, 
             features, cfg = ensure_features(store, stream, cfg, info.device)
     run_info = {"stream": stream, "store": str(store.resolve()), "features": str(features) if features else "",
                 "world_size": info.world, "train_videos": len(ids["train"]), "val_videos": len(ids["val"]),
-                "test_videos": len(ids["test"]), "encoder_version": encoder_version(cfg.model.backbone)}
+                "test_videos": len(ids["test"]), "encoder_version": encoder_version(cfg.model.backbone),
+                "store_id": _store_identity(store)}
     if info.main:
         run.write_config(cfg, run_info)
         run.write_environment(info.device, world_size=info.world)

@@ -306,6 +306,38 @@ class RunDir:
                          f"computes version {current}: its predictions are stale; delete the folder to retrain it, "
                          "or choose another --out")
 
+    def check_store(self, store: str | Path | None = None) -> None:
+        """Refuse a trained stream made from another store than `store`, or from a store that was
+        extracted again at its path since: ValueError naming both.
+
+        A stream's figures hold only for the store it records in config.toml's [run] table (its
+        path and, from the `store_id` on, which store was there). Reused with another store, a
+        rerun would report the old store's results as the new one's; a store extracted again
+        under the same path may hold other videos or labels. `store` None checks only the latter.
+        Nothing recorded, or a store that is gone or unreadable, passes (others report those).
+        """
+        from data.store import Store, store_exists, store_identity
+
+        if not self.config_path.is_file():
+            return
+        run = read_toml(self.config_path).get("run", {})
+        recorded = run.get("store")
+        if not recorded:
+            return
+        if store is not None and Path(store).resolve() != Path(recorded).resolve():
+            raise ValueError(f"{self.root} was trained on the store {recorded}, not {store}; choose another --out, "
+                             "or delete it to retrain")
+        if not run.get("store_id") or not store_exists(recorded) or Path(recorded).is_dir():
+            return
+        try:
+            with Store(recorded) as s:
+                current = store_identity(s.root_attrs)
+        except (OSError, ValueError):
+            return
+        if current and current != run["store_id"]:
+            raise ValueError(f"the store {recorded} was extracted again after {self.root} was trained on it, so its "
+                             "predictions are of the old store; delete the folder to retrain it, or choose another --out")
+
     def write_environment(self, device: torch.device | str | None = None, **extra: Any) -> Path:
         from fusion.predictions import write_atomic
 

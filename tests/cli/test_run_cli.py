@@ -84,6 +84,12 @@ def test_run_end_to_end_then_resume(tmp_path, monkeypatch):
         assert res.exit_code == 2 and len(errors) == 1 and "predictions are stale" in errors[0], res.output
     assert (out / "flow" / "best.pt").stat().st_mtime == mtime
 
+    # A video gone from the dataset: the manifest, store and streams are of the old one.
+    next((out / "data").rglob("*.mp4")).unlink()
+    res = _run("run", "--out", out, "--preset", "cpu")
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert res.exit_code == 2 and len(errors) == 1 and "changed since" in errors[0] and "(1 removed)" in errors[0], res.output
+
 
 def test_run_with_a_missing_dataset(tmp_path):
     res = _run("run", tmp_path / "nowhere", "--out", tmp_path / "run", "--preset", "cpu")

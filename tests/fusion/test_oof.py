@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fusion.oof as oof
-from data.clips import ClipConfig, video_ids_for_split
+from data.clips import video_ids_for_split
 from data.store import Store, StoreWriter
 from fusion.oof import check_inner_folds, inner_folds, out_of_fold, train_inner_head
 from fusion.predictions import Predictions, load_split, read_predictions
@@ -18,6 +18,7 @@ from streams.launch import train_stream
 from streams.rundir import RunConfig, RunDir
 from streams.train import TrainConfig, parse_fold
 from tests.fusion.test_pipeline import fake_fold_training
+from tests.streams.test_train import features_attrs
 
 STEPS, DIM = 4, 16
 TINY = ModelConfig(lstm_layers=1, lstm_hidden=8, attention_heads=2, dense_units=(8,), dropout=0.0, lstm_dropout=0.0)
@@ -45,13 +46,9 @@ def make_store(folder: Path, seed: int = 0) -> Path:
                     dict(label=label, group=f"rec{i // PER_RECORDING:02d}", source_path=f"/v/{vid}.mp4",
                          source_fps=10.0, source_size=[16, 16], flow_method="synthetic"))
     rng = np.random.default_rng(seed)
-    clip = json.dumps(ClipConfig(steps=STEPS, flow_stack=ModelConfig().flow_stack).to_dict(), sort_keys=True)
     for stream in ("rgb", "flow"):
         with h5py.File(features_path(store, stream, "vgg19"), "w") as f:
-            f.attrs.update({"stream": stream, "backbone": "vgg19", "clip": clip, "augment": "{}", "views": 2,
-                            "minority_views": 2, "minority_label": 0, "seed": 0, "pretrained": False,
-                            "weights_path": "", "store": str(store.resolve()), "store_flow": "{}",
-                            "schema_version": 1, "feature_dim": DIM})
+            f.attrs.update(features_attrs(store, stream, 2))
             videos = f.create_group("videos")
             for vid, label in zip(ids, labels, strict=True):
                 x = rng.normal(size=(2, STEPS, DIM)).astype(np.float32)

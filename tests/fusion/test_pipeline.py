@@ -324,6 +324,35 @@ def test_cross_validation_of_a_dataset_folder_indexes_and_extracts_it_first(tmp_
     assert doc["folds"] == 2
 
 
+def test_cross_validation_refuses_another_or_a_changed_dataset_in_its_folder(tmp_path, monkeypatch):
+    from data.synthetic import SyntheticSpec, generate_dataset
+    from fusion.presets import CPU
+
+    spec = SyntheticSpec(videos=16, recordings=4, frames=(6, 8), size=(48, 64))
+    data, other = generate_dataset(tmp_path / "a", spec), generate_dataset(tmp_path / "b", spec)
+    monkeypatch.setattr(crossval, "train_run", lambda store_path, out, cfg, devices, on_event=None:
+                        fake_fold_training(store_path, out, cfg))
+    out = tmp_path / "cv"
+    cross_validate(data, folds=2, out=out, preset=CPU, inner_folds=0)
+    with pytest.raises(ValueError, match="holds the job of .*; choose another --out"):
+        cross_validate(other, folds=2, out=out, preset=CPU, inner_folds=0)
+    first = sorted(p for p in Path(data).rglob("*.mp4"))[0]
+    first.unlink()  # the same dataset, one video fewer: its store and folds are of the old one
+    with pytest.raises(ValueError, match=r"changed since .*manifest.csv was written \(1 removed\)"):
+        cross_validate(data, folds=2, out=out, preset=CPU, inner_folds=0)
+
+
+def test_dataset_changes_names_what_differs():
+    from data.manifest import ManifestRow
+    from fusion.pipeline import dataset_changes
+
+    before = [ManifestRow("a", "/d/a.mp4", 1, "r1"), ManifestRow("b", "/d/b.mp4", 0, "r1"), ManifestRow("c", "/d/c.mp4", 0, "r2")]
+    now = [ManifestRow("a", "/d/a.mp4", 0, "r1", "train"), ManifestRow("b", "/e/b.mp4", 0, "r2"),
+           ManifestRow("d", "/d/d.mp4", 1, "r3")]
+    assert dataset_changes(before, now) == "1 added, 1 removed, 1 relabelled, 1 moved to another recording, 1 at another path"
+    assert dataset_changes(before, [ManifestRow(r.video_id, r.path, r.label, r.group, "test") for r in before]) == ""
+
+
 def test_repeated_cross_validation_extracts_once_and_pools_every_repeat(tmp_path, monkeypatch):
     from data.synthetic import SyntheticSpec, generate_dataset
     from fusion.presets import CPU

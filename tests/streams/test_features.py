@@ -120,6 +120,46 @@ def test_hoghof_features_of_another_descriptor_version_are_recomputed(store, mon
         assert f.attrs["encoder_version"] == features.HOGHOF_VERSION
 
 
+def _labels(path):
+    with h5py.File(path, "r") as f:
+        return {v: int(g.attrs["label"]) for v, g in f["videos"].items()}
+
+
+def test_a_store_extracted_again_at_its_path_is_cached_again(store, builds, tmp_path):
+    from data.store import Store, store_identity
+
+    first = _cache(store)
+    with h5py.File(first, "r") as f:
+        made_from = f.attrs["store_id"]
+    with Store(store) as s:
+        assert made_from == store_identity(s.root_attrs) != ""
+
+    def stop_after_two(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # an interrupted run on the old store must not be resumed either
+        _cache(store, out_path=tmp_path / "f.h5", on_progress=stop_after_two)
+    store.unlink()
+    flipped = {v: (frames, 1 - label, group, split) for v, (frames, label, group, split) in VIDEOS.items()}
+    make_store(store, flipped)
+    assert _cache(store) == first and len(builds) == 3
+    with h5py.File(first, "r") as f:
+        assert f.attrs["store_id"] != made_from
+    assert _labels(first) == {v: label for v, (_, label, _, _) in flipped.items()}
+    progress = []
+    _cache(store, out_path=tmp_path / "f.h5", on_progress=lambda d, t: progress.append(d))
+    assert progress[0] == 0 and _labels(tmp_path / "f.h5") == _labels(first)
+
+
+def test_a_video_relabelled_in_place_is_cached_again(store, builds):
+    first = _cache(store)
+    with h5py.File(store, "a") as f:  # the store keeps its identity
+        f["videos"]["a"].attrs["label"] = 0
+    _cache(store)
+    assert len(builds) == 2 and _labels(first)["a"] == 0
+
+
 @pytest.mark.parametrize("backbone, versioned", [("hoghof", True), ("vgg19", False), ("resnet50", False)])
 def test_encoder_version_tracks_hand_crafted_descriptors_only(backbone, versioned):
     from streams.hoghof import VERSION

@@ -227,6 +227,87 @@ def test_features_of_a_store_re_extracted_with_other_flow_settings_are_not_reuse
     assert path.stat().st_mtime_ns != stamp
 
 
+def _cached_labels(path):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {v: int(g.attrs["label"]) for v, g in f["videos"].items()}
+
+
+def test_features_of_a_store_extracted_again_at_the_same_path_are_not_reused(tmp_path, small_backbone):
+    import streams.launch as launch
+    from data.store import Store, store_identity
+
+    cfg = _small_config(stage="head")
+    store = make_data(tmp_path / "data", n=8, streams=())
+    path, _ = launch.ensure_features(store, "rgb", cfg, torch.device("cpu"))
+    labels = _cached_labels(path)
+    store.unlink()  # deleted and extracted again, same settings, other labels; the features file stays
+    make_data(tmp_path / "data", n=8, streams=(), labels=[1 - labels[f"v{i:02d}"] for i in range(8)])
+    with Store(store) as s:
+        identity, relabelled = store_identity(s.root_attrs), {v: s.label(v) for v in s.video_ids}
+    assert launch.ensure_features(store, "rgb", cfg, torch.device("cpu"))[0] == path
+    assert _cached_labels(path) == relabelled != labels  # stage 1 trains on the labels of the store it reads
+    assert launch._features_attrs(path)["store_id"] == identity
+
+
+def test_features_without_a_store_id_or_with_other_labels_are_made_again(tmp_path, small_backbone):
+    import h5py
+
+    import streams.launch as launch
+
+    cfg = _small_config(stage="head")
+    store = make_data(tmp_path / "data", n=8, streams=())
+    path, _ = launch.ensure_features(store, "rgb", cfg, torch.device("cpu"))
+    stamp = path.stat().st_mtime_ns
+    assert launch.ensure_features(store, "rgb", cfg, torch.device("cpu"))[0].stat().st_mtime_ns == stamp
+    with h5py.File(path, "a") as f:  # as made before features recorded their store
+        del f.attrs["store_id"]
+    launch.ensure_features(store, "rgb", cfg, torch.device("cpu"))
+    assert path.stat().st_mtime_ns != stamp and "store_id" in launch._features_attrs(path)
+    stamp = path.stat().st_mtime_ns
+    with h5py.File(store, "a") as f:  # a label changed in place: the store keeps its identity
+        f["videos"]["v00"].attrs["label"] = 1 - int(f["videos"]["v00"].attrs["label"])
+        relabelled = int(f["videos"]["v00"].attrs["label"])
+    launch.ensure_features(store, "rgb", cfg, torch.device("cpu"))
+    assert path.stat().st_mtime_ns != stamp and _cached_labels(path)["v00"] == relabelled
+
+
+@pytest.mark.parametrize(("pretrained", "reused"), [(False, False), (True, True)])
+def test_features_of_a_random_backbone_are_made_again_for_another_seed(tmp_path, small_backbone, pretrained, reused):
+    import h5py
+
+    import streams.launch as launch
+
+    store = make_data(tmp_path / "data", n=8, streams=())
+    base = _small_config(stage="head", seed=0)
+    cfg = replace(base, model=replace(base.model, pretrained=pretrained))
+    path, _ = launch.ensure_features(store, "rgb", cfg, torch.device("cpu"))
+    with h5py.File(path, "r") as f:
+        before = f["videos"]["v00"]["features"][:]
+    launch.ensure_features(store, "rgb", replace(cfg, train=replace(cfg.train, seed=1)), torch.device("cpu"))
+    with h5py.File(path, "r") as f:
+        after, seed = f["videos"]["v00"]["features"][:], int(f.attrs["seed"])
+    # Without weights the backbone is what its seed draws, and stage 2 rebuilds it from the run's seed;
+    # weights fix it whatever the seed, so its features are kept.
+    assert seed == (0 if reused else 1)
+    assert np.array_equal(before, after) == reused
+
+
+@pytest.mark.parametrize(("minority_views", "reused"), [(2, False), (1, True)])
+def test_augmented_views_are_made_again_for_other_augment_settings(tmp_path, small_backbone, minority_views, reused):
+    import streams.launch as launch
+
+    store = make_data(tmp_path / "data", n=8, streams=())
+    cfg = _small_config(stage="head", views=1, minority_views=minority_views)
+    path, _ = launch.ensure_features(store, "rgb", cfg, torch.device("cpu"))
+    stamp = path.stat().st_mtime_ns
+    other = replace(cfg, augment=replace(cfg.augment, hflip_p=0.0 if cfg.augment.hflip_p else 1.0))
+    launch.ensure_features(store, "rgb", other, torch.device("cpu"))
+    # Views 1.. are augmented draws; a file holding only view 0 (plain clips) does not depend on augment.
+    assert (path.stat().st_mtime_ns == stamp) == reused
+
+
 # --- configs and small helpers ------------------------------------------------------------------
 
 

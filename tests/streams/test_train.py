@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from data.augment import AugmentConfig
 from data.clips import ClipConfig
-from data.store import StoreWriter
+from data.store import Store, StoreWriter, store_identity
 from streams.checkpoint import load_checkpoint
 from streams.config import ModelConfig, OptimConfig
 from streams.features import FeatureDataset, features_path
@@ -38,6 +39,18 @@ TINY = ModelConfig(lstm_layers=1, lstm_hidden=8, attention_heads=2, dense_units=
 # --- shared test data: a tiny store and features files that `train_stream` uses as they are ----------
 
 
+def features_attrs(store: Path, stream: str, views: int) -> dict:
+    """The attrs `cache_features` records, for a features file made by hand on `store`: a default
+    run's clip and augment settings, seed 0, no pretrained weights, and the store's identity."""
+    with Store(store) as s:
+        identity = store_identity(s.root_attrs)
+    return {"stream": stream, "backbone": "vgg19", "views": views, "minority_views": views, "minority_label": 0,
+            "clip": json.dumps(ClipConfig(steps=STEPS, flow_stack=ModelConfig().flow_stack).to_dict(), sort_keys=True),
+            "augment": json.dumps(AugmentConfig().to_dict(), sort_keys=True), "seed": 0, "pretrained": False,
+            "weights_path": "", "store": str(store.resolve()), "store_id": identity, "store_flow": "{}",
+            "schema_version": 1, "feature_dim": DIM}
+
+
 def make_data(folder: Path, n: int = 32, streams=("rgb", "flow"), views: int = 2, labels=None, splits=None,
               poison: dict | None = None, seed: int = 0) -> Path:
     """A store of n 3-frame videos and, per stream, a features file whose classes are separable.
@@ -58,13 +71,9 @@ def make_data(folder: Path, n: int = 32, streams=("rgb", "flow"), views: int = 2
             w.write(vid, rgb, flow, dict(label=label, group=vid, split=split, source_path=f"/v/{vid}.mp4",
                                          source_fps=10.0, source_size=[32, 32], flow_method="synthetic"))
     rng = np.random.default_rng(seed)
-    clip = json.dumps(ClipConfig(steps=STEPS, flow_stack=ModelConfig().flow_stack).to_dict(), sort_keys=True)
     for stream in streams:
         with h5py.File(features_path(store, stream, "vgg19"), "w") as f:
-            f.attrs.update({"stream": stream, "backbone": "vgg19", "clip": clip, "augment": "{}", "views": views,
-                            "minority_views": views, "minority_label": 0, "seed": 0, "pretrained": False,
-                            "weights_path": "", "store": str(store.resolve()), "store_flow": "{}",
-                            "schema_version": 1, "feature_dim": DIM})
+            f.attrs.update(features_attrs(store, stream, views))
             videos = f.create_group("videos")
             for vid, label in zip(ids, labels, strict=True):
                 x = rng.normal(size=(views, STEPS, DIM)).astype(np.float32)
@@ -374,3 +383,30 @@ def test_a_stream_trained_on_other_descriptors_is_stale(tmp_path, backbone, reco
     with pytest.raises(ValueError, match="stale"):  # `twostream train --resume` alike
         train_stream(make_data(tmp_path / "data", n=8, streams=("rgb",)), "rgb", tmp_path, replace(tiny_config(), model=replace(TINY, backbone=backbone)),
                      "cpu", resume=True)
+
+
+def test_a_stream_made_from_another_or_a_rebuilt_store_is_refused(tmp_path):
+    from fusion.pipeline import check_run, train_run
+
+    store = make_data(tmp_path / "data", n=8, streams=())
+    with Store(store) as s:
+        made_from = store_identity(s.root_attrs)
+    assert made_from
+    run = RunDir(tmp_path / "run", "rgb")
+    run.path.mkdir(parents=True)
+    run.write_config(tiny_config(), {"stream": "rgb", "store": str(store.resolve()), "store_id": made_from})
+    for split in ("val", "test"):
+        (run.path / f"predictions_{split}.csv").write_text("video_id,label,logit\n")
+    (run.path / "best.pt").write_bytes(b"")
+    run.check_store(store)  # the store it was made from passes
+    check_run(tmp_path / "run", streams=("rgb",))
+    elsewhere = make_data(tmp_path / "other", n=8, streams=())
+    with pytest.raises(ValueError, match=r"was trained on the store .*, not .*other.*; choose another --out"):
+        train_run(elsewhere, tmp_path / "run", tiny_config())
+    for path in (store, *store.parent.glob("*.features-*")):  # extracted again at the same path
+        path.unlink()
+    make_data(tmp_path / "data", n=8, streams=())
+    with pytest.raises(ValueError, match="was extracted again after .* was trained on it"):
+        check_run(tmp_path / "run", streams=("rgb",))
+    with pytest.raises(ValueError, match="was extracted again"):
+        train_run(store, tmp_path / "run", tiny_config())
