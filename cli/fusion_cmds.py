@@ -119,14 +119,18 @@ def evaluate(
     out.print(f"report: {result['report']}")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def print_paired(paired: dict) -> None:
     """One line per stream: the videos fused calls right where the stream does not, and the reverse
     (calls, when repeats call each video again: no exact test then)."""
     for s, r in paired.items():
         low, high = r["ci95"]
         test = "" if r["p_value"] is None else f"; McNemar p {r['p_value']:.3g}"
-        unit = "calls" if r["p_value"] is None else "videos"
-        out.print(f"fused vs {s}: right where {s} is wrong on {r['only_a']} {unit}, wrong where it is right on "
+        unit = "call" if r["p_value"] is None else "video"
+        out.print(f"fused vs {s}: right where {s} is wrong on {_count(r['only_a'], unit)}, wrong where it is right on "
                   f"{r['only_b']} (accuracy {r['difference']:+.4f}, 95% interval [{low:+.4f}, {high:+.4f}] "
                   f"by {r['resampled']}{test})", soft_wrap=True)
 

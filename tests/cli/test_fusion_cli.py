@@ -87,7 +87,8 @@ def test_evaluate_prints_the_table_and_the_report(tmp_path):
     paired = json.loads((run / "eval" / "metrics.json").read_text())["paired"]
     for s in ("rgb", "flow"):
         line = next(ln for ln in res.output.splitlines() if ln.startswith(f"fused vs {s}:"))
-        assert f"right where {s} is wrong on {paired[s]['only_a']} videos, wrong where it is right on {paired[s]['only_b']}" in line
+        a, b = paired[s]["only_a"], paired[s]["only_b"]
+        assert f"right where {s} is wrong on {a} video{'' if a == 1 else 's'}, wrong where it is right on {b} " in line
 
 
 def test_run_without_both_streams(tmp_path):
