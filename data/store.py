@@ -166,8 +166,9 @@ def store_exists(path: str | Path) -> bool:
 
 
 def store_identity(root_attrs: dict) -> str:
-    """What tells a store from another one made at the same path (deleted and extracted again):
-    its `store_id`, or for a store made before those were recorded its creation time; "" if neither."""
+    """What tells a store from another one at the same path (deleted and extracted again, or grown
+    by a later extraction, which draws a new id): its `store_id`, or for a store made before
+    those were recorded its creation time; "" if neither."""
     return str(root_attrs.get("store_id") or root_attrs.get("created_at") or "")
 
 
@@ -454,7 +455,10 @@ class StoreWriter:
                         raise ValueError(
                             f"{part}: unreadable part file ({err}); remove it and rewrite that video"
                         ) from None
-                put_attrs(out, {**self._root_header(root), "finalized_at": now()})
+                header = self._root_header(root)
+                if parts and "videos" in main and len(main["videos"]):
+                    header["store_id"] = uuid.uuid4().hex  # videos joined a finished store: not the store it was
+                put_attrs(out, {**header, "finalized_at": now()})
         commit(tmp, self.path)
         for part in parts.values():
             unlink_quiet(part)

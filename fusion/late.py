@@ -108,6 +108,7 @@ class FusionModel:
     cv_by: str = "video"  # what those folds (and the small-set comparison) hold out: "video" or "recording"
     n_val: int = 0  # validation videos it was fitted on
     validation: dict = field(default_factory=dict)  # candidate -> validation metrics
+    trained: dict = field(default_factory=dict)  # stream -> fingerprint of the trained stream it was fitted on ({}: unknown)
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict, with format and version keys."""

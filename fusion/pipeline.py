@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +271,20 @@ class FusionOutcome:
         return getattr(self.model, "fallback_reason", None)
 
 
+def stream_fingerprints(run_dir: str | Path) -> dict[str, str]:
+    """Stream -> a digest of its predictions_val.csv, which training writes anew with every best.pt:
+    recorded with a fusion, it tells whether a stream was trained again since (copies keep it,
+    unlike file times). Streams without that file are left out."""
+    import hashlib
+
+    out = {}
+    for s in STREAMS:
+        path = Path(run_dir) / s / "predictions_val.csv"
+        if path.is_file():
+            out[s] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return out
+
+
 def run_groups(run_dir: str | Path, video_ids: Sequence[str] | None = None) -> dict[str, str] | None:
     """Video id -> source recording in the store a run was trained on, for `video_ids` (default:
     every video there); None when the run or store does not say.
@@ -344,6 +358,7 @@ def fit_run(
                 test = {s: test_set[s] for s in STREAMS}
         _check_val(val)
         model = fit_fusion(val, cfg, run_groups(runs[0], val[STREAMS[0]].video_ids.tolist()))
+        model = replace(model, trained=stream_fingerprints(runs[0]))
         path = save_fusion(model, Path(out) if out else runs[0] / "fusion.json")
 
         def fused(inputs):
@@ -565,9 +580,10 @@ def prepare_store(source: str | Path, out: Path, preset, groups: Path | None = N
     manifest = out / "manifest.csv"
     t = time.perf_counter()
     indexed = index_dataset(source, groups_file=groups)  # listing files is cheap: done every time
+    store = out / "store.h5"
     if manifest.is_file():
         rows = read_manifest(manifest)
-        changes = dataset_changes(rows, indexed)
+        changes = dataset_changes(rows, indexed, _stored_ids(store))
         if changes:
             raise ValueError(f"{source} changed since {manifest} was written ({changes}), so the store and streams "
                              f"in {out} are of the old dataset; choose another --out to start over")
@@ -577,7 +593,6 @@ def prepare_store(source: str | Path, out: Path, preset, groups: Path | None = N
         write_manifest(rows, manifest)
         step("index", f"{len(rows)} videos", t)
     t = time.perf_counter()
-    store = out / "store.h5"
     summary = extract_dataset(rows, store, preset.extract_config())
     if not summary.written and not summary.skipped:
         raise ValueError(f"no video of {source} could be read; see {summary.failures_csv}")
@@ -586,12 +601,29 @@ def prepare_store(source: str | Path, out: Path, preset, groups: Path | None = N
     return store
 
 
-def dataset_changes(before: Sequence, now: Sequence) -> str:
+def _stored_ids(store: Path) -> set[str]:
+    """The videos in the store at `store` (none when there is none yet)."""
+    from data.store import Store, store_exists
+
+    if not store_exists(store):
+        return set()
+    with Store(store) as s:
+        return set(s.video_ids)
+
+
+def dataset_changes(before: Sequence, now: Sequence, stored: set[str] | None = None) -> str:
     """What differs between two indexings of a dataset (ManifestRows; splits aside, they are
-    assigned after indexing), e.g. "2 added, 1 removed, 3 relabelled"; "" when nothing does."""
+    assigned after indexing), e.g. "2 added, 1 removed, 3 relabelled"; "" when nothing does.
+
+    With `stored` (the ids in the store made from `before`), a video the store never held (one that
+    could not be read, or not reached yet) counts only when added: removing or fixing a broken video
+    changes nothing that was made from the dataset.
+    """
     old, new = {r.video_id: r for r in before}, {r.video_id: r for r in now}
+    if stored is not None:
+        old = {v: r for v, r in old.items() if v in stored}
     both = old.keys() & new.keys()
-    counts = (("added", len(new.keys() - old.keys())), ("removed", len(old.keys() - new.keys())),
+    counts = (("added", len(new.keys() - {r.video_id for r in before})), ("removed", len(old.keys() - new.keys())),
               ("relabelled", sum(old[v].label != new[v].label for v in both)),
               ("moved to another recording", sum(old[v].group != new[v].group for v in both)),
               ("at another path", sum(Path(old[v].path).resolve() != Path(new[v].path).resolve() for v in both)))

@@ -163,7 +163,7 @@ class Scorer:
     def __init__(self, run_dir: str | Path, tta: int = 1, device: str = "auto", batch_views: int = 8) -> None:
         from flow.api import FlowEstimator
         from flow.devices import resolve_device
-        from fusion.pipeline import check_run, clip_forward, fuse_run
+        from fusion.pipeline import check_run, clip_forward, fuse_run, stream_fingerprints
         from streams.rundir import load_stream_model
         from streams.train import use_fused_lstm
 
@@ -185,11 +185,13 @@ class Scorer:
         if not fusion_path.is_file():
             logger.info("%s has no fusion.json; fitting fusion on validation first", self.run)
             fuse_run(self.run)
-        newer = [s for s in STREAMS if (self.run / s / "best.pt").stat().st_mtime > fusion_path.stat().st_mtime]
-        if newer:  # its weights and threshold were fitted on the predictions of streams since replaced
-            raise ValueError(f"{fusion_path} was fitted before {' and '.join(f'{s}/best.pt' for s in newer)} was "
-                             f"trained again; refit it with `twostream fuse {self.run}`")
         self.fusion: FusionModel = load_fusion(fusion_path)
+        now = stream_fingerprints(self.run)
+        retrained = [s for s, mark in self.fusion.trained.items() if now.get(s) != mark]
+        if retrained:  # its weights and threshold were fitted on the predictions of streams since replaced
+            raise ValueError(f"{fusion_path} was fitted before the {' and '.join(retrained)} stream"
+                             f"{'s were' if len(retrained) > 1 else ' was'} trained again; refit it with "
+                             f"`twostream fuse {self.run}`")
         if any(":emb" in f for f in self.fusion.features):
             raise ValueError(f"{fusion_path} fuses embeddings; window scoring needs a logit-only fusion")
         settings = _store_settings(store)

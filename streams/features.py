@@ -136,7 +136,9 @@ def cache_features(
              stream, backbone, len(todo), len(ids) - len(todo), views, minority_views, minority)
 
     dev = resolve_device(device)
-    net = build_backbone(backbone, clip_cfg.channels(stream), pretrained, weights_path, clip_cfg.size or 224)
+    with torch.random.fork_rng(devices=[]):  # seeded like build_model: a random backbone is the one the run rebuilds
+        torch.manual_seed(seed)
+        net = build_backbone(backbone, clip_cfg.channels(stream), pretrained, weights_path, clip_cfg.size or 224)
     net = net.to(dev).eval().requires_grad_(False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     if partial.exists() and not done:

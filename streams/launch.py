@@ -181,10 +181,13 @@ def ensure_features(store: Path, stream: str, cfg: RunConfig, device: torch.devi
         flow_settings = store_flow_signature(s.root_attrs)
         identity = store_identity(s.root_attrs)
     attrs = _features_attrs(path)
-    # A file made before features recorded their store lacks store_id: it cannot be vouched for, so it is made again.
     wanted = {"stream": stream, "backbone": cfg.model.backbone, "clip": json.dumps(clip.to_dict(), sort_keys=True),
               "pretrained": cfg.model.pretrained, "weights_path": str(cfg.model.weights_path or ""),
               "store_id": identity}
+    if attrs is not None and "store_id" not in attrs and attrs.get("store") == str(store.resolve()):
+        # Made before features recorded their store's id: this path, these settings and the labels checked
+        # below vouch for it (a store extracted again with the same settings holds the same frames).
+        del wanted["store_id"]
     version = encoder_version(cfg.model.backbone)
     if version:  # hoghof: features of another descriptor version are stale
         wanted["encoder_version"] = version
@@ -206,13 +209,9 @@ def ensure_features(store: Path, stream: str, cfg: RunConfig, device: torch.devi
             if on_event is not None:
                 on_event({"event": "features", "done": done, "total": total})
 
-        # Seeded like build_model, so a backbone without pretrained weights is the one stage 2 rebuilds.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed)
-            path = cache_features(store, stream, cfg.model.backbone, cfg.train.views, cfg.train.minority_views, clip,
-                                  device, cfg.train.feature_batch_size, cfg.model.pretrained, cfg.model.weights_path,
-                                  cfg.train.num_workers, augment=cfg.augment, seed=cfg.train.seed,
-                                  on_progress=progress)
+        path = cache_features(store, stream, cfg.model.backbone, cfg.train.views, cfg.train.minority_views, clip,
+                              device, cfg.train.feature_batch_size, cfg.model.pretrained, cfg.model.weights_path,
+                              cfg.train.num_workers, augment=cfg.augment, seed=cfg.train.seed, on_progress=progress)
         attrs = _features_attrs(path)
     train = replace(cfg.train, views=int(attrs["views"]), minority_views=int(attrs["minority_views"]))
     return path, replace(cfg, train=train)
@@ -328,7 +327,8 @@ def _train_stream(store: Path, stream: str, run: RunDir, cfg: RunConfig, info: D
         if not run.checkpoint_path("last").is_file():
             raise FileNotFoundError(f"nothing to resume: {run.checkpoint_path('last')} does not exist; "
                                     "drop --resume to start this run")
-        run.check_encoder()  # a head cut short on other hoghof descriptors must not carry on with these
+        run.check_encoder()  # a head cut short on other hoghof descriptors or another store must not carry on
+        run.check_store(store)
         saved, _ = run.read_config()
         ignore = RUNTIME_KEYS | {("train", "views"), ("train", "minority_views")}
         diff = config_differences(saved, cfg, ignore)
@@ -374,7 +374,7 @@ def _run(store: Path, stream: str, run: RunDir, cfg: RunConfig, info: DistInfo, 
         barrier(info)
         if not info.main:
             features, cfg = ensure_features(store, stream, cfg, info.device)
-    run_info = {"stream": stream, "store": str(store.resolve()), "features": str(features) if features else "",
+    run_info = {"stream": stream, "store": str(store.resolve()), "features": str(Path(features).resolve()) if features else "",
                 "world_size": info.world, "train_videos": len(ids["train"]), "val_videos": len(ids["val"]),
                 "test_videos": len(ids["test"]), "encoder_version": encoder_version(cfg.model.backbone),
                 "store_id": _store_identity(store)}

@@ -311,10 +311,11 @@ class RunDir:
         extracted again at its path since: ValueError naming both.
 
         A stream's figures hold only for the store it records in config.toml's [run] table (its
-        path and, from the `store_id` on, which store was there). Reused with another store, a
-        rerun would report the old store's results as the new one's; a store extracted again
-        under the same path may hold other videos or labels. `store` None checks only the latter.
-        Nothing recorded, or a store that is gone or unreadable, passes (others report those).
+        path and its `store_id`). Reused with another store, a rerun would report the old store's
+        results as the new one's; a store extracted again under the same path, or grown since,
+        has another id. A store at another path with the recorded id is the same store moved
+        (with its run folder). `store` None checks the recorded path. Nothing recorded, or a store
+        that is gone or unreadable, passes (others report those).
         """
         from data.store import Store, store_exists, store_identity
 
@@ -324,17 +325,19 @@ class RunDir:
         recorded = run.get("store")
         if not recorded:
             return
-        if store is not None and Path(store).resolve() != Path(recorded).resolve():
-            raise ValueError(f"{self.root} was trained on the store {recorded}, not {store}; choose another --out, "
+        here = Path(store) if store is not None else Path(recorded)
+        moved = here.resolve() != Path(recorded).resolve()
+        current = ""
+        if store_exists(here) and not here.is_dir():
+            try:
+                with Store(here) as s:
+                    current = store_identity(s.root_attrs)
+            except (OSError, ValueError):  # unreadable: others report it
+                pass
+        if moved and not (current and current == run.get("store_id")):  # a folder moved with its store is the same
+            raise ValueError(f"{self.root} was trained on the store {recorded}, not {here}; choose another --out, "
                              "or delete it to retrain")
-        if not run.get("store_id") or not store_exists(recorded) or Path(recorded).is_dir():
-            return
-        try:
-            with Store(recorded) as s:
-                current = store_identity(s.root_attrs)
-        except (OSError, ValueError):
-            return
-        if current and current != run["store_id"]:
+        if current and run.get("store_id") and current != run["store_id"]:
             raise ValueError(f"the store {recorded} was extracted again after {self.root} was trained on it, so its "
                              "predictions are of the old store; delete the folder to retrain it, or choose another --out")
 

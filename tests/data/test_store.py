@@ -25,6 +25,7 @@ from data.store import (
     require_store,
     shard_path,
     store_exists,
+    store_identity,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -872,3 +873,28 @@ def test_feature_cache_is_not_a_store(tmp_path):
         f["videos/a/x"] = [1, 2]
     with pytest.raises(ValueError, match="not a twostream store"):
         len(Store(other))
+
+
+def test_store_identity_is_kept_by_a_resumed_extraction_and_changed_by_new_videos(tmp_path):
+    path = tmp_path / "s.h5"
+
+    def identity():
+        with Store(path) as s:
+            return store_identity(s.root_attrs), len(s)
+
+    with StoreWriter(path, flow_codec="float16") as w:
+        w.write("v0", *make_video(0))
+    first, n = identity()
+    assert first and n == 1
+    with StoreWriter(path, flow_codec="float16"):
+        pass  # opened and finalized again, nothing added: the same store
+    assert identity() == (first, 1)
+    with StoreWriter(path, flow_codec="float16") as w:
+        w.write("v1", *make_video(1))  # videos joined a finished store: another store now
+    grown, n = identity()
+    assert n == 2 and grown != first
+    path.unlink()
+    with StoreWriter(path, flow_codec="float16") as w:  # extracted again at the same path
+        w.write("v0", *make_video(0))
+    assert identity()[0] not in (first, grown)
+    assert store_identity({"created_at": "2026-01-01T00:00:00+00:00"}) == "2026-01-01T00:00:00+00:00"  # older stores

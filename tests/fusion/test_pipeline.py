@@ -351,6 +351,9 @@ def test_dataset_changes_names_what_differs():
            ManifestRow("d", "/d/d.mp4", 1, "r3")]
     assert dataset_changes(before, now) == "1 added, 1 removed, 1 relabelled, 1 moved to another recording, 1 at another path"
     assert dataset_changes(before, [ManifestRow(r.video_id, r.path, r.label, r.group, "test") for r in before]) == ""
+    # Videos the store never held (unreadable ones) count only when added.
+    assert dataset_changes(before, now, stored={"a"}) == "1 added, 1 relabelled"
+    assert dataset_changes(before, before[:2], stored={"a", "b"}) == ""
 
 
 def test_repeated_cross_validation_extracts_once_and_pools_every_repeat(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from data.sampling import Sampling
 from data.store import StoreWriter
 from data.synthetic import write_video
 from flow.api import FlowEstimator
-from fusion.pipeline import fuse_run
+from fusion.pipeline import fuse_run, stream_fingerprints
 from fusion.predict import Scorer, video_seconds, window_mismatch, window_starts, write_outputs
 from streams.rundir import RunDir, build_model, resolve_run_config
 
@@ -180,14 +180,17 @@ def test_windows_far_from_the_training_clip_length_are_flagged(window, clip, war
 
 
 def test_a_fusion_fitted_before_a_stream_was_retrained_is_refused(tmp_path):
-    import os
+    import shutil
 
-    run = build_run(tmp_path)
-    Scorer(run, tta=1, device="cpu")  # fits fusion.json
-    trained = (run / "flow" / "best.pt").stat().st_mtime
-    os.utime(run / "rgb" / "best.pt", (trained - 20, trained - 20))
-    os.utime(run / "fusion.json", (trained - 10, trained - 10))  # fitted, then flow trained again
-    with pytest.raises(ValueError, match=r"fitted before flow/best.pt was trained again; refit it with `twostream fuse"):
+    (tmp_path / "a").mkdir()
+    run = build_run(tmp_path / "a")
+    Scorer(run, tta=1, device="cpu")  # fits fusion.json, recording what each stream predicted on validation
+    copy = shutil.copytree(run, tmp_path / "copy")  # a plain copy: new file times, same streams
+    Scorer(copy, tta=1, device="cpu")
+    rd = RunDir(run, "flow")  # flow trained again: other validation predictions
+    ids = [f"val{i}" for i in range(40)]
+    rd.write_predictions("val", ids, np.arange(40) % 2, np.random.default_rng(9).normal(0, 1, 40))
+    with pytest.raises(ValueError, match=r"fitted before the flow stream was trained again; refit it with `twostream fuse"):
         Scorer(run, tta=1, device="cpu")
-    fuse_run(run)  # refitted: newer than both streams again
-    assert Scorer(run, tta=1, device="cpu").fusion.threshold == json.loads((run / "fusion.json").read_text())["threshold"]
+    fuse_run(run)  # refitted on the streams as they are
+    assert Scorer(run, tta=1, device="cpu").fusion.trained == stream_fingerprints(run)

@@ -251,7 +251,7 @@ def test_features_of_a_store_extracted_again_at_the_same_path_are_not_reused(tmp
     assert launch._features_attrs(path)["store_id"] == identity
 
 
-def test_features_without_a_store_id_or_with_other_labels_are_made_again(tmp_path, small_backbone):
+def test_features_without_a_store_id_are_kept_for_their_store_and_labels_else_made_again(tmp_path, small_backbone):
     import h5py
 
     import streams.launch as launch
@@ -261,8 +261,13 @@ def test_features_without_a_store_id_or_with_other_labels_are_made_again(tmp_pat
     path, _ = launch.ensure_features(store, "rgb", cfg, torch.device("cpu"))
     stamp = path.stat().st_mtime_ns
     assert launch.ensure_features(store, "rgb", cfg, torch.device("cpu"))[0].stat().st_mtime_ns == stamp
-    with h5py.File(path, "a") as f:  # as made before features recorded their store
+    with h5py.File(path, "a") as f:  # as made before features recorded their store's id
         del f.attrs["store_id"]
+    stamp = path.stat().st_mtime_ns
+    launch.ensure_features(store, "rgb", cfg, torch.device("cpu"))  # this store's path and labels vouch for it
+    assert path.stat().st_mtime_ns == stamp
+    with h5py.File(path, "a") as f:  # ... but not when made from a store elsewhere
+        f.attrs["store"] = str(tmp_path / "elsewhere.h5")
     launch.ensure_features(store, "rgb", cfg, torch.device("cpu"))
     assert path.stat().st_mtime_ns != stamp and "store_id" in launch._features_attrs(path)
     stamp = path.stat().st_mtime_ns

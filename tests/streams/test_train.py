@@ -386,6 +386,8 @@ def test_a_stream_trained_on_other_descriptors_is_stale(tmp_path, backbone, reco
 
 
 def test_a_stream_made_from_another_or_a_rebuilt_store_is_refused(tmp_path):
+    import shutil
+
     from fusion.pipeline import check_run, train_run
 
     store = make_data(tmp_path / "data", n=8, streams=())
@@ -403,6 +405,14 @@ def test_a_stream_made_from_another_or_a_rebuilt_store_is_refused(tmp_path):
     elsewhere = make_data(tmp_path / "other", n=8, streams=())
     with pytest.raises(ValueError, match=r"was trained on the store .*, not .*other.*; choose another --out"):
         train_run(elsewhere, tmp_path / "run", tiny_config())
+    with pytest.raises(ValueError, match=r"was trained on the store .*, not .*other"):  # `train --resume` alike
+        (run.path / "last.pt").write_bytes(b"")
+        train_stream(elsewhere, "rgb", tmp_path / "run", tiny_config(), "cpu", resume=True)
+    (run.path / "last.pt").unlink()
+    moved = tmp_path / "moved" / "s.h5"  # the same store at another path (its folder moved): the same store
+    moved.parent.mkdir()
+    shutil.copy(store, moved)
+    run.check_store(moved)
     for path in (store, *store.parent.glob("*.features-*")):  # extracted again at the same path
         path.unlink()
     make_data(tmp_path / "data", n=8, streams=())
