@@ -145,6 +145,7 @@ def out_of_fold(
     best.pt.
     """
     from flow.devices import resolve_device
+    from streams.features import features_mismatch
     from streams.launch import split_ids
     from streams.rundir import RunDir
 
@@ -168,6 +169,11 @@ def out_of_fold(
             raise ValueError(f"--inner-folds retrains heads on cached features; {runs[stream].path} was fine-tuned "
                              "end to end (stage 2): use head-only training (stage = head) or --inner-folds 0")
         epochs[stream] = int(best["epoch"])
+        mismatch = features_mismatch(info["features"], cfg, info)
+        if mismatch:
+            raise ValueError(f"inner folds refit heads on the features {runs[stream].path} was trained on, but "
+                             f"{info['features']} {mismatch}; delete {fold_dir} to retrain it, or use "
+                             "--inner-folds 0")
         device = resolve_device(devices[i] if i < len(devices) else "auto")
         views = ViewModel(fold_dir / stream, device) if tta > 1 else None  # the fold's model, loaded once
         ids, labels, logits, test_logits = [], [], [], []

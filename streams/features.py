@@ -174,6 +174,27 @@ def cache_features(
     return out
 
 
+def features_mismatch(path: str | Path, cfg, run: dict) -> str | None:
+    """How the features file at `path` differs from the one a stream was trained on, or None.
+
+    The file is shared by every run on its store, and training with another seed (a randomly
+    initialised CNN) or on a store extracted again remakes it; heads fitted on it later (inner
+    folds) would then not match the run's own. `cfg` is the run's RunConfig, `run` its [run]
+    table (with `store_id` from the version that records it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "is gone"
+    with h5py.File(path, "r") as f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    if run.get("store_id") and attrs.get("store_id") and str(attrs["store_id"]) != run["store_id"]:
+        return "was made again from another store"
+    random_cnn = cfg.model.backbone != "hoghof" and not cfg.model.pretrained and not cfg.model.weights_path
+    if random_cnn and int(attrs.get("seed", -1)) != cfg.train.seed:
+        return f"was made again by a backbone drawn with seed {attrs.get('seed')} (the run's is {cfg.train.seed})"
+    return None
+
+
 def encoder_version(backbone: str) -> int:
     """The version of a hand-crafted encoder's descriptors (hoghof), recorded with its features; 0 for CNNs."""
     return HOGHOF_VERSION if backbone == "hoghof" else 0

@@ -193,6 +193,26 @@ def test_out_of_fold_refuses_a_fine_tuned_run(fold_run, tmp_path):
         out_of_fold(store, copy, 3)
 
 
+def test_out_of_fold_refuses_features_made_again_for_another_seed(fold_run, tmp_path):
+    import shutil
+
+    store, fold_dir = fold_run
+    root = tmp_path / "copy"
+    shutil.copytree(store.parent, root)  # the store, its features and the fold, away from the shared fixture
+    copy, moved = root / "fold0", root / store.name
+    (copy / "oof.json").unlink(missing_ok=True)
+    features = Path(RunDir(copy, "rgb").read_config()[1]["features"])
+    features = root / features.name  # the copied features file, as the copied run is to use it
+    for stream in ("rgb", "flow"):
+        rd = RunDir(copy, stream)
+        cfg, info = rd.read_config()
+        rd.write_config(cfg, {**info, "store": str(moved), "features": str(root / Path(info["features"]).name)})
+    with h5py.File(features, "a") as f:  # another seed's training remade the shared file since
+        f.attrs["seed"] = 1
+    with pytest.raises(ValueError, match=r"was made again by a backbone drawn with seed 1 \(the run's is 0\)"):
+        out_of_fold(moved, copy, 3)
+
+
 # --- cross-validation with inner folds ----------------------------------------------------------
 
 
