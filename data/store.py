@@ -172,6 +172,12 @@ def store_identity(root_attrs: dict) -> str:
     return str(root_attrs.get("store_id") or root_attrs.get("created_at") or "")
 
 
+def identity_of(path: str | Path) -> str:
+    """`store_identity` of the store at `path`."""
+    with Store(path) as s:
+        return store_identity(s.root_attrs)
+
+
 def require_store(path: str | Path) -> Path:
     """`path` as a Path; FileNotFoundError (one line, saying how to make one) when no store is there."""
     path = Path(path)

@@ -213,8 +213,16 @@ def _check_inner(store: Path, base, folds: int, n_inner: int) -> None:
         inner_folds(store, replace(base.train, fold=f"{fold}/{folds}"), n_inner)
 
 
-def _cv_markdown(doc: Mapping) -> str:
+def _summary_lines(summary: Mapping[str, Mapping]) -> list[str]:
+    """cv.md's table of every model's mean ± std per metric."""
     names = [name for name, _ in _CV_METRICS]
+    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for m, stats in summary.items():
+        lines.append(f"| {m} | " + " | ".join(f"{stats[n]['mean']:.4f} ± {stats[n]['std']:.4f}" for n in names) + " |")
+    return lines
+
+
+def _cv_markdown(doc: Mapping) -> str:
     n_inner = doc.get("inner_folds") or 0
     fitted = (f"out-of-fold predictions of all its non-test videos ({n_inner} inner group folds, each "
               f"stream's head retrained per inner fold; the test videos never enter them, and are scored "
@@ -227,12 +235,8 @@ def _cv_markdown(doc: Mapping) -> str:
         f"fold both streams train on the other folds, fusion and the operating thresholds are fitted "
         f"on {fitted}, and every figure is on the held-out fold. TTA views: {doc['tta']}.",
         "",
-        "| model | " + " | ".join(names) + " |",
-        "|---|" + "---:|" * len(names),
+        *_summary_lines(doc["summary"]),
     ]
-    for m, stats in doc["summary"].items():
-        cells = [f"{s['mean']:.4f} ± {s['std']:.4f}" for s in (stats[n] for n in names)]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "## Per fold", "", "| fold | videos | rgb | flow | fused | fitted on | note |",
               "|---:|---:|---:|---:|---:|---|---|"]
     for r in doc["rounds"]:
@@ -249,7 +253,6 @@ def _cv_markdown(doc: Mapping) -> str:
 
 
 def _repeated_markdown(doc: Mapping) -> str:
-    names = [name for name, _ in _CV_METRICS]
     seeds = [r["seed"] for r in doc["runs"]]
     lines = [
         f"# Repeated cross-validation: {doc['repeats']} x {doc['folds']} folds",
@@ -259,12 +262,8 @@ def _repeated_markdown(doc: Mapping) -> str:
         f"own cv.md (seed<N>/). Figures: mean ± std over repeats of each repeat's mean over its folds. "
         f"TTA views: {doc['tta']}.",
         "",
-        "| model | " + " | ".join(names) + " |",
-        "|---|" + "---:|" * len(names),
+        *_summary_lines(doc["summary"]),
     ]
-    for m, stats in doc["summary"].items():
-        lines.append(f"| {m} | " + " | ".join(f"{s['mean']:.4f} ± {s['std']:.4f}" for s in (stats[n] for n in names))
-                     + " |")
     lines += ["", "## Per repeat (accuracy, mean over folds)", "", "| seed | rgb | flow | fused | folder |",
               "|---:|---:|---:|---:|---|"]
     for r in doc["runs"]:

@@ -53,7 +53,7 @@ _SUMMARY_KEYS = ("threshold", "accuracy", "macro_f1", "roc_auc", "log_loss")
 
 def check_run(run_dir: str | Path, streams: Sequence[str] = STREAMS) -> Path:
     """The run folder, or a one-line error naming the first stream that has no predictions or
-    stale ones (`streams.rundir.RunDir.check_encoder`, `check_store`)."""
+    stale ones (`streams.rundir.RunDir.check_current`)."""
     from streams.rundir import RunDir
 
     run = Path(run_dir)
@@ -69,8 +69,7 @@ def check_run(run_dir: str | Path, streams: Sequence[str] = STREAMS) -> Path:
                     f"{run} has no trained {stream} stream ({path.relative_to(run)} is missing); "
                     f"train it with `twostream train STORE --stream {stream} --out {run}`"
                 )
-        RunDir(run, stream).check_encoder()
-        RunDir(run, stream).check_store()
+        RunDir(run, stream).check_current()
     return run
 
 
@@ -517,8 +516,7 @@ def train_run(
     todo = [s for s in STREAMS if not _stream_done(out, s)]
     status = {s: "reused" for s in STREAMS if s not in todo}
     for s in status:
-        RunDir(out, s).check_encoder()
-        RunDir(out, s).check_store(store)
+        RunDir(out, s).check_current(store)
         saved, _ = RunDir(out, s).read_config()
         diff = config_differences(saved, cfg, RUNTIME_KEYS)
         if diff:
@@ -529,8 +527,7 @@ def train_run(
     resume = {s: (out / s / "last.pt").is_file() for s in todo}
     for s in todo:
         if resume[s]:  # a head cut short on other descriptors or another store must not carry on with these
-            RunDir(out, s).check_encoder()
-            RunDir(out, s).check_store(store)
+            RunDir(out, s).check_current(store)
     if len(todo) == 2 and resume["rgb"] == resume["flow"]:
         outcomes = train_both(store, out, cfg, list(devices), resume=resume["rgb"], on_event=on_event)
         failed = [o for o in outcomes.values() if not o.ok]

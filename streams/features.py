@@ -182,17 +182,42 @@ def features_mismatch(path: str | Path, cfg, run: dict) -> str | None:
     folds) would then not match the run's own. `cfg` is the run's RunConfig, `run` its [run]
     table (with `store_id` from the version that records it).
     """
-    path = Path(path)
-    if not path.is_file():
+    attrs = features_attrs(Path(path))
+    if attrs is None:
         return "is gone"
-    with h5py.File(path, "r") as f:
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
     if run.get("store_id") and attrs.get("store_id") and str(attrs["store_id"]) != run["store_id"]:
         return "was made again from another store"
     random_cnn = cfg.model.backbone != "hoghof" and not cfg.model.pretrained and not cfg.model.weights_path
     if random_cnn and int(attrs.get("seed", -1)) != cfg.train.seed:
         return f"was made again by a backbone drawn with seed {attrs.get('seed')} (the run's is {cfg.train.seed})"
     return None
+
+
+def features_attrs(path: Path) -> dict[str, Any] | None:
+    """A features file's attrs as plain values, with "videos": the set of its video ids; None when
+    there is no readable file."""
+    if not path.is_file():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: v.item() if isinstance(v, np.generic) else v for k, v in f.attrs.items()}
+            attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+            attrs["videos"] = set(f["videos"])
+            return attrs
+    except (OSError, KeyError):
+        return None
+
+
+def labels_agree(path: Path, labels: dict[str, int]) -> bool:
+    """Whether the features file holds every video of `labels` with that label: stage 1 trains on
+    the file's labels, so a store relabelled since (or too old to record its identity) must not
+    keep stale ones."""
+    try:
+        with h5py.File(path, "r") as f:
+            videos = f["videos"]
+            return all(v in videos and _same_label(v, videos[v], labels) for v in labels)
+    except (OSError, KeyError):
+        return False
 
 
 def encoder_version(backbone: str) -> int:

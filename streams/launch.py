@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -170,17 +169,19 @@ def ensure_features(store: Path, stream: str, cfg: RunConfig, device: torch.devi
     from streams.features import (
         cache_features,
         encoder_version,
+        features_attrs,
         features_path,
+        labels_agree,
         store_flow_signature,
     )
 
     path = features_path(store, stream, cfg.model.backbone)
     clip = clip_config(cfg)
     with Store(store) as s:
-        all_ids = set(s.video_ids)
+        labels = {v: s.label(v) for v in s.video_ids}
         flow_settings = store_flow_signature(s.root_attrs)
         identity = store_identity(s.root_attrs)
-    attrs = _features_attrs(path)
+    attrs = features_attrs(path)
     wanted = {"stream": stream, "backbone": cfg.model.backbone, "clip": json.dumps(clip.to_dict(), sort_keys=True),
               "pretrained": cfg.model.pretrained, "weights_path": str(cfg.model.weights_path or ""),
               "store_id": identity}
@@ -199,8 +200,7 @@ def ensure_features(store: Path, stream: str, cfg: RunConfig, device: torch.devi
         wanted["augment"] = json.dumps(cfg.augment.to_dict(), sort_keys=True)  # views 1.. are augmented draws
     if attrs is not None and attrs.get("store_flow", "{}") != "{}":  # a store re-extracted with other settings
         wanted["store_flow"] = flow_settings
-    if (attrs is not None and all(attrs.get(k) == v for k, v in wanted.items()) and all_ids <= attrs["videos"]
-            and _same_labels(store, path, all_ids)):
+    if attrs is not None and all(attrs.get(k) == v for k, v in wanted.items()) and labels_agree(path, labels):
         log.info("using cached features %s", path)
     else:
         log.info("caching %s features in %s", stream, path)
@@ -212,48 +212,9 @@ def ensure_features(store: Path, stream: str, cfg: RunConfig, device: torch.devi
         path = cache_features(store, stream, cfg.model.backbone, cfg.train.views, cfg.train.minority_views, clip,
                               device, cfg.train.feature_batch_size, cfg.model.pretrained, cfg.model.weights_path,
                               cfg.train.num_workers, augment=cfg.augment, seed=cfg.train.seed, on_progress=progress)
-        attrs = _features_attrs(path)
+        attrs = features_attrs(path)
     train = replace(cfg.train, views=int(attrs["views"]), minority_views=int(attrs["minority_views"]))
     return path, replace(cfg, train=train)
-
-
-def _features_attrs(path: Path) -> dict[str, Any] | None:
-    import h5py
-
-    if not path.is_file():
-        return None
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = {k: v.item() if isinstance(v, np.generic) else v for k, v in f.attrs.items()}
-            attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
-            attrs["videos"] = set(f["videos"])
-            return attrs
-    except (OSError, KeyError):
-        return None
-
-
-def _store_identity(store: Path) -> str:
-    """The store's identity (`data.store.store_identity`), recorded with a run so that a store
-    extracted again at the same path is not taken for the one the run was trained on."""
-    from data.store import Store, store_identity
-
-    with Store(store) as s:
-        return store_identity(s.root_attrs)
-
-
-def _same_labels(store: Path, path: Path, video_ids: set[str]) -> bool:
-    """Whether the features file labels `video_ids` as the store does: stage 1 trains on the file's labels,
-    so a store relabelled in place (or one too old to record an identity) must not keep stale ones."""
-    import h5py
-
-    from data.store import Store
-
-    try:
-        with Store(store) as s, h5py.File(path, "r") as f:
-            videos = f["videos"]
-            return all(int(videos[v].attrs["label"]) == s.label(v) for v in sorted(video_ids))
-    except (OSError, KeyError):
-        return False
 
 
 def _shard(n: int, rank: int, world: int) -> np.ndarray:
@@ -327,8 +288,7 @@ def _train_stream(store: Path, stream: str, run: RunDir, cfg: RunConfig, info: D
         if not run.checkpoint_path("last").is_file():
             raise FileNotFoundError(f"nothing to resume: {run.checkpoint_path('last')} does not exist; "
                                     "drop --resume to start this run")
-        run.check_encoder()  # a head cut short on other hoghof descriptors or another store must not carry on
-        run.check_store(store)
+        run.check_current(store)  # a head cut short on other hoghof descriptors or another store must not carry on
         saved, _ = run.read_config()
         ignore = RUNTIME_KEYS | {("train", "views"), ("train", "minority_views")}
         diff = config_differences(saved, cfg, ignore)
@@ -349,6 +309,7 @@ def _train_stream(store: Path, stream: str, run: RunDir, cfg: RunConfig, info: D
 
 def _run(store: Path, stream: str, run: RunDir, cfg: RunConfig, info: DistInfo, resume: bool,
          on_event: Event | None) -> Path:
+    from data.store import identity_of
     from streams.features import encoder_version
 
     if cfg.augment.mixup:
@@ -377,7 +338,7 @@ def _run(store: Path, stream: str, run: RunDir, cfg: RunConfig, info: DistInfo, 
     run_info = {"stream": stream, "store": str(store.resolve()), "features": str(Path(features).resolve()) if features else "",
                 "world_size": info.world, "train_videos": len(ids["train"]), "val_videos": len(ids["val"]),
                 "test_videos": len(ids["test"]), "encoder_version": encoder_version(cfg.model.backbone),
-                "store_id": _store_identity(store)}
+                "store_id": identity_of(store)}
     if info.main:
         run.write_config(cfg, run_info)
         run.write_environment(info.device, world_size=info.world)

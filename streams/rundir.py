@@ -283,20 +283,25 @@ class RunDir:
         data = read_toml(self.config_path)
         return RunConfig.from_dict(data), data.get("run", {})
 
-    def check_encoder(self) -> None:
+    def _saved(self) -> dict | None:
+        """config.toml as plain tables, not resolved: a config this version cannot resolve still
+        says what the checks below need. None without one (a run of prediction files only)."""
+        return read_toml(self.config_path) if self.config_path.is_file() else None
+
+    def check_encoder(self, saved: dict | None = None) -> None:
         """Refuse a trained stream whose encoder has changed since: ValueError naming it.
 
         A hand-crafted encoder (hoghof) records its descriptor version in config.toml's [run]
         table when the stream trains. Under another version the same config computes other
         features, so the stream's head, predictions and every figure made from them are stale,
-        even where the shapes still fit. A run folder without a config.toml (prediction files
-        only) has nothing to check.
+        even where the shapes still fit. A run folder without a config.toml has nothing to check.
+        `saved`: config.toml already read (`_saved`).
         """
         from streams.features import encoder_version
 
-        if not self.config_path.is_file():
+        saved = saved if saved is not None else self._saved()
+        if saved is None:
             return
-        saved = read_toml(self.config_path)  # only two fields: a config this version cannot resolve still has them
         backbone = saved.get("model", {}).get("backbone", ModelConfig.backbone)
         current, recorded = encoder_version(backbone), saved.get("run", {}).get("encoder_version")
         if recorded == current or (current == 0 and recorded is None):
@@ -306,7 +311,7 @@ class RunDir:
                          f"computes version {current}: its predictions are stale; delete the folder to retrain it, "
                          "or choose another --out")
 
-    def check_store(self, store: str | Path | None = None) -> None:
+    def check_store(self, store: str | Path | None = None, saved: dict | None = None) -> None:
         """Refuse a trained stream made from another store than `store`, or from a store that was
         extracted again at its path since: ValueError naming both.
 
@@ -317,11 +322,10 @@ class RunDir:
         (with its run folder). `store` None checks the recorded path. Nothing recorded, or a store
         that is gone or unreadable, passes (others report those).
         """
-        from data.store import Store, store_exists, store_identity
+        from data.store import identity_of, store_exists
 
-        if not self.config_path.is_file():
-            return
-        run = read_toml(self.config_path).get("run", {})
+        saved = saved if saved is not None else self._saved()
+        run = (saved or {}).get("run", {})
         recorded = run.get("store")
         if not recorded:
             return
@@ -330,8 +334,7 @@ class RunDir:
         current = ""
         if store_exists(here) and not here.is_dir():
             try:
-                with Store(here) as s:
-                    current = store_identity(s.root_attrs)
+                current = identity_of(here)
             except (OSError, ValueError):  # unreadable: others report it
                 pass
         if moved and not (current and current == run.get("store_id")):  # a folder moved with its store is the same
@@ -340,6 +343,13 @@ class RunDir:
         if current and run.get("store_id") and current != run["store_id"]:
             raise ValueError(f"the store {recorded} was extracted again after {self.root} was trained on it, so its "
                              "predictions are of the old store; delete the folder to retrain it, or choose another --out")
+
+    def check_current(self, store: str | Path | None = None) -> None:
+        """`check_encoder` and `check_store` on one reading of config.toml: whether this trained
+        stream still belongs to this twostream and to `store` (None: the store it records)."""
+        saved = self._saved()
+        self.check_encoder(saved)
+        self.check_store(store, saved)
 
     def write_environment(self, device: torch.device | str | None = None, **extra: Any) -> Path:
         from fusion.predictions import write_atomic

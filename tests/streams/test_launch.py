@@ -208,7 +208,7 @@ def test_hoghof_features_of_another_descriptor_version_are_not_reused_for_traini
     assert launch.ensure_features(store, "flow", cfg, torch.device("cpu"))[0].stat().st_mtime_ns == stamp
     monkeypatch.setattr(features_mod, "HOGHOF_VERSION", features_mod.HOGHOF_VERSION + 1)
     launch.ensure_features(store, "flow", cfg, torch.device("cpu"))
-    assert launch._features_attrs(path)["encoder_version"] == features_mod.HOGHOF_VERSION
+    assert features_mod.features_attrs(path)["encoder_version"] == features_mod.HOGHOF_VERSION
 
 
 def test_features_of_a_store_re_extracted_with_other_flow_settings_are_not_reused(tmp_path):
@@ -248,7 +248,7 @@ def test_features_of_a_store_extracted_again_at_the_same_path_are_not_reused(tmp
         identity, relabelled = store_identity(s.root_attrs), {v: s.label(v) for v in s.video_ids}
     assert launch.ensure_features(store, "rgb", cfg, torch.device("cpu"))[0] == path
     assert _cached_labels(path) == relabelled != labels  # stage 1 trains on the labels of the store it reads
-    assert launch._features_attrs(path)["store_id"] == identity
+    assert features_mod.features_attrs(path)["store_id"] == identity
 
 
 def test_features_without_a_store_id_are_kept_for_their_store_and_labels_else_made_again(tmp_path, small_backbone):
@@ -269,7 +269,7 @@ def test_features_without_a_store_id_are_kept_for_their_store_and_labels_else_ma
     with h5py.File(path, "a") as f:  # ... but not when made from a store elsewhere
         f.attrs["store"] = str(tmp_path / "elsewhere.h5")
     launch.ensure_features(store, "rgb", cfg, torch.device("cpu"))
-    assert path.stat().st_mtime_ns != stamp and "store_id" in launch._features_attrs(path)
+    assert path.stat().st_mtime_ns != stamp and "store_id" in features_mod.features_attrs(path)
     stamp = path.stat().st_mtime_ns
     with h5py.File(store, "a") as f:  # a label changed in place: the store keeps its identity
         f["videos"]["v00"].attrs["label"] = 1 - int(f["videos"]["v00"].attrs["label"])
